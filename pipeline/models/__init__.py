@@ -1,0 +1,56 @@
+"""Model backends behind one interface (see :mod:`pipeline.models.base`).
+
+Backend modules are imported only when a config names them, so a missing optional package (vLLM) only
+matters to the configs that use it. Each backend module exposes ``Options`` (a pydantic model of its
+settings) and ``create(options) -> Backend``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+BACKENDS: dict[str, str] = {
+    "openai": "pipeline.models.openai_backend",
+    "transformers": "pipeline.models.transformers_backend",
+    "vllm": "pipeline.models.vllm_backend",
+    "test": "pipeline.models.testing",
+}
+
+# Settings common to every backend; the rest of a model definition belongs to the backend's Options.
+COMMON_KEYS = ("backend", "price", "budget")
+
+
+class Price(BaseModel):
+    """US dollars per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_million: float = 0.0
+    output_per_million: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
+
+
+class Budget(BaseModel):
+    """Per-stage limits: the stage stops cleanly when either is reached; a re-run with more continues."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_cost_usd: float | None = None
+    max_tokens: int | None = None
+
+
+def backend_module(name: str) -> ModuleType:
+    if name not in BACKENDS:
+        raise KeyError(name)
+    return importlib.import_module(BACKENDS[name])
+
+
+def backend_options(name: str, options: dict[str, Any]) -> BaseModel:
+    """Validate a backend's own options (raises pydantic.ValidationError)."""
+    return backend_module(name).Options.model_validate(options)

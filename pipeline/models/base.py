@@ -1,0 +1,125 @@
+"""The one interface every model backend implements, and the request/result types.
+
+A stage builds :class:`ModelRequest` objects and hands a batch to its journaled client (given by the runner).
+The client drops requests whose answer is already committed, sends the rest to a :class:`Backend`, and
+commits each group of results the backend reports *before* the stage can rely on it.
+
+Nothing here imports anything of seedtune above it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenParams(BaseModel):
+    """Generation parameters; backends map them onto their own API and ignore what they cannot honour."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: list[str] = Field(default_factory=list)
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    # JSON schema the answer must follow; used when the backend offers JSON / guided output.
+    json_schema: dict[str, Any] | None = None
+
+
+class ModelRequest(BaseModel):
+    """A chat request (``messages``) or a raw completion request (``prompt``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    params: GenParams = Field(default_factory=GenParams)
+    # Distinguishes otherwise identical requests (e.g. the i-th sample of one prompt). Part of the key.
+    tag: str = ""
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a request has either messages or a prompt")
+        return self
+
+    def key(self, model_identity: dict[str, Any]) -> str:
+        """Deterministic key: the model's identity and everything that shapes the answer."""
+        payload = {"model": model_identity, "request": self.model_dump(mode="json")}
+        blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Completion(BaseModel):
+    """A successful answer: one text per requested sample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["ok"] = "ok"
+    texts: list[str]
+    finish_reasons: list[str]  # "stop" | "length" | backend-specific
+    usage: Usage = Field(default_factory=Usage)
+
+
+class Failure(BaseModel):
+    """A request that produced no usable answer. Never stored as a result; retried on the next run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["failed"] = "failed"
+    error: str
+    kind: str = "error"  # e.g. "http_429", "http_500", "timeout", "connection", "malformed", "budget"
+    attempts: int = 1
+
+
+ModelResult = Union[Completion, Failure]
+
+# Called by a backend with a group of (request index, result) pairs that are committed together.
+# Returning False asks the backend to launch no further requests (e.g. the budget is spent); requests
+# already in flight still finish and are reported.
+ResultSink = Callable[[list[tuple[int, ModelResult]]], bool]
+
+
+class Backend(Protocol):
+    def identity(self) -> dict[str, Any]:
+        """What identifies the model's answers: backend, model name, revision or weight hash, base URL.
+
+        Part of every request key and stage fingerprint. Never contains a secret."""
+
+    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
+        """Answer ``requests``, reporting results through ``on_result`` as they arrive."""
+
+    def check(self) -> None:
+        """Raise :class:`BackendUnavailable` with one clear line if the model cannot be reached/loaded."""
+
+    def close(self) -> None: ...
+
+
+class BackendUnavailable(Exception):
+    """The model cannot be reached or loaded (one line, naming the model and the cause)."""
+
+
+class BudgetExceeded(Exception):
+    """The stage reached its model budget; answers received so far are committed."""

@@ -1,0 +1,166 @@
+"""What the runner hands a stage: its options, its inputs, journaled model clients, its output folder.
+
+A stage module exposes:
+
+* ``Options`` — a pydantic model (``extra="forbid"``) of the stage's settings;
+* ``run(ctx: StageContext) -> None`` — the entry point; it writes its outputs under ``ctx.out_dir``;
+* optionally ``dependencies(options) -> list[Path]`` — files whose *content* enters the stage's
+  fingerprint (templates it renders, data files it reads);
+* optionally ``models(options) -> list[str]`` — the model names it calls (default: ``options.model``
+  when the options have such a field);
+* optionally ``check(options) -> None`` — used by ``seedtune validate`` (e.g. render every template with
+  a sample record); raise :class:`pipeline.errors.UserError` on a problem.
+
+Stages never import the runner or the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel
+
+from pipeline.models.base import ModelRequest, ModelResult
+from pipeline.records import Rejection, Task, dumps, read_jsonl, write_jsonl
+
+RECORDS_FILE = "records.jsonl"
+REJECTED_FILE = "rejected.jsonl"
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class ModelClient(Protocol):
+    """A journaled model: answers already committed are returned without a request."""
+
+    name: str
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def generate(self, requests: Sequence[ModelRequest], desc: str | None = None) -> list[ModelResult]:
+        """Results in request order. Raises ``BudgetExceeded`` when the model's budget is spent."""
+
+    def backend(self) -> Any:
+        """The underlying backend (e.g. for a local model's tokenizer). Rarely needed."""
+
+
+@dataclass
+class StageStats:
+    rows_in: int = 0
+    rows_out: int = 0
+    rejected: Counter = field(default_factory=Counter)  # rule -> count
+    metrics: dict[str, Any] = field(default_factory=dict)  # stage-specific numbers for manifest/status
+    # model traffic, filled in by the journaled client
+    requests_sent: int = 0
+    requests_cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0  # of every answer the stage used, earlier runs included
+    cost_usd_this_run: float = 0.0
+    failures: int = 0
+    failure_kinds: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "rejected": dict(sorted(self.rejected.items())),
+            "rejected_total": sum(self.rejected.values()),
+            "requests_sent": self.requests_sent,
+            "requests_cached": self.requests_cached,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "cost_usd_this_run": round(self.cost_usd_this_run, 6),
+            "failures": self.failures,
+            "failure_kinds": dict(sorted(self.failure_kinds.items())),
+            "metrics": self.metrics,
+        }
+
+
+@dataclass
+class StageInput:
+    name: str
+    kind: str
+    dir: Path
+
+
+@dataclass
+class StageContext:
+    name: str
+    kind: str
+    options: Any  # the stage module's Options instance
+    seed: int  # the run's seed
+    run_dir: Path
+    out_dir: Path  # this attempt's output folder; emptied when an attempt starts
+    scratch_dir: Path  # kept across attempts with the same fingerprint (e.g. training checkpoints)
+    inputs: list[StageInput]  # every earlier stage, in pipeline order
+    get_model: Callable[[str], ModelClient]
+    log: logging.Logger
+    stats: StageStats = field(default_factory=StageStats)
+    show_progress: bool = True
+    _rejected_file: Any = None
+
+    # ---- inputs -------------------------------------------------------------------------------------
+    def previous(self) -> StageInput:
+        if not self.inputs:
+            raise ValueError(f"stage '{self.name}' needs an earlier stage to read from")
+        return self.inputs[-1]
+
+    def find_input(self, kind: str) -> StageInput | None:
+        """The latest earlier stage of this kind, if any."""
+        for inp in reversed(self.inputs):
+            if inp.kind == kind:
+                return inp
+        return None
+
+    def input_named(self, name: str) -> StageInput:
+        for inp in self.inputs:
+            if inp.name == name:
+                return inp
+        raise ValueError(f"stage '{self.name}': no earlier stage named '{name}'")
+
+    def read_records(self, source: StageInput | None = None, model: type[R] = Task) -> Iterator[R]:  # type: ignore[assignment]
+        src = source or self.previous()
+        return read_jsonl(src.dir / RECORDS_FILE, model)
+
+    # ---- outputs ------------------------------------------------------------------------------------
+    def write_records(self, records: Iterable[BaseModel], filename: str = RECORDS_FILE) -> int:
+        n = write_jsonl(self.out_dir / filename, records)
+        if filename == RECORDS_FILE:
+            self.stats.rows_out = n
+        return n
+
+    def reject(self, record: BaseModel | dict[str, Any], rule: str, reason: str) -> None:
+        """Keep a dropped record, with the rule that dropped it, in ``rejected.jsonl``."""
+        data = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
+        if self._rejected_file is None:
+            self._rejected_file = open(self.out_dir / REJECTED_FILE, "a", encoding="utf-8")
+        self._rejected_file.write(dumps(Rejection(stage=self.name, rule=rule, reason=reason, record=data)))
+        self._rejected_file.write("\n")
+        self.stats.rejected[rule] += 1
+
+    def close(self) -> None:
+        if self._rejected_file is not None:
+            self._rejected_file.flush()
+            self._rejected_file.close()
+            self._rejected_file = None
+
+    def model(self, name: str) -> ModelClient:
+        return self.get_model(name)
+
+    def progress(self, total: int | None, desc: str, unit: str = "it"):
+        """A progress bar (done/total, rate, ETA) on stderr; silent when progress is off."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"{self.name}: {desc}", unit=unit, disable=not self.show_progress,
+                    dynamic_ncols=True, leave=False)
+
+    def write_side_json(self, filename: str, data: Any) -> None:
+        (self.out_dir / filename).write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n",
+                                             encoding="utf-8")
