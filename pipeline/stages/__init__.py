@@ -23,4 +23,8 @@ STAGES: dict[str, str] = {
 
 
 def stage_module(kind: str, table: dict[str, str] | None = None) -> ModuleType:
-    return importlib.import_module((table or STAGES)[kind])
+    """Import a stage kind's module (``package.module``, or ``package.module:attribute``)."""
+    target = (table or STAGES)[kind]
+    module, _, attr = target.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attr) if attr else loaded

@@ -1,0 +1,257 @@
+"""``seedtune``: run a pipeline, show where a run stands, validate a config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import UserError
+
+EXIT_USER, EXIT_FAILED, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 1, 3, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seedtune", description=__doc__)
+    p.add_argument("--version", action="version", version=f"seedtune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, config: bool = True) -> None:
+        if config:
+            sp.add_argument("config", help="pipeline YAML file")
+            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config key, e.g. --set stages.generate.target=20")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        sp.add_argument("-v", "--verbose", action="store_true", help="show info logs on stderr")
+
+    r = sub.add_parser("run", help="run (or continue) a pipeline")
+    common(r)
+    r.add_argument("--fresh", action="store_true", help="discard the run's state and start over")
+    r.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    r.add_argument("--from", dest="from_stage", metavar="STAGE", help="recompute from this stage on")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("status", help="one row per stage of a run")
+    s.add_argument("run_dir", help="run directory (or the pipeline's config file)")
+    s.add_argument("--json", action="store_true", help="print the manifest's stages as JSON")
+    common(s, config=False)
+
+    v = sub.add_parser("validate", help="check a config, its files, templates and models; print the plan")
+    common(v)
+    return p
+
+
+# ---- formatting ---------------------------------------------------------------------------------------
+
+def _fmt_int(n: Any) -> str:
+    return "-" if n in (None, "") else f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def _elapsed(s: Any) -> str:
+    if not isinstance(s, (int, float)):
+        return "-"
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m"
+
+
+def _rejected(stage: dict[str, Any]) -> str:
+    rej = stage.get("rejected") or {}
+    if not rej:
+        return "0"
+    top = sorted(rej.items(), key=lambda kv: -kv[1])
+    parts = ", ".join(f"{k} {v}" for k, v in top[:4])
+    more = f", +{len(top) - 4} rules" if len(top) > 4 else ""
+    return f"{sum(rej.values())} ({parts}{more})"
+
+
+def stage_table(stages: dict[str, dict[str, Any]]) -> str:
+    header = ["stage", "state", "in", "out", "rejected (by rule)", "requests sent/cached", "tokens", "cost $",
+              "failures", "elapsed"]
+    rows = [header]
+    for name, st in stages.items():
+        tokens = (st.get("prompt_tokens") or 0) + (st.get("completion_tokens") or 0)
+        req = (f"{_fmt_int(st.get('requests_sent', 0))}/{_fmt_int(st.get('requests_cached', 0))}"
+               if st.get("requests_sent") or st.get("requests_cached") else "-")
+        fails = st.get("open_failures") or st.get("failures") or 0
+        rows.append([name, st.get("state", "pending"), _fmt_int(st.get("rows_in")), _fmt_int(st.get("rows_out")),
+                     _rejected(st), req, _fmt_int(tokens) if tokens else "-",
+                     f"{st['cost_usd']:.4f}" if st.get("cost_usd") else "-", _fmt_int(fails),
+                     _elapsed(st.get("elapsed_s"))])
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _details(run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    for name, st in stages.items():
+        m = st.get("metrics") or {}
+        if st.get("kind") == "seeds" and "tasks" in m:
+            out.append(f"{name}: {m['tasks']} tasks, {m.get('classification', 0)} classification, "
+                       f"{m.get('with_input', 0)} with input")
+        ev = m.get("evaluation")
+        if isinstance(ev, dict) and ev.get("before") and ev.get("after"):
+            b, a = ev["before"], ev["after"]
+            keys = [k for k in ("validation_loss", "rouge_l", "stop_rate", "general_ppl") if k in b and k in a]
+            out.append(f"{name}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}" for k in keys
+                                               if isinstance(b[k], (int, float)) and isinstance(a[k], (int, float))))
+        for f in st.get("failure_samples") or []:
+            out.append(f"{name}: failed request ({f['kind']}, {f.get('runs', 1)} run(s)): {f['error']}")
+        if st.get("error"):
+            out.append(f"{name}: {st['error']}")
+    for sub in ("export", "model"):
+        if (run_dir / sub).exists():
+            out.append(f"outputs: {run_dir / sub}")
+    return out
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+
+def _load(args: argparse.Namespace):
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.set, args.table), args.table
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.run.runner import Runner, RunOptions
+
+    config, table = _load(args)
+    err = sys.stderr
+
+    def events(kind: str, data: dict[str, Any]) -> None:
+        name = data["name"]
+        if kind == "stage_start":
+            print(f"> {name} ({data['kind']}) ...", file=err, flush=True)
+        elif kind in ("stage_cached", "stage_restored"):
+            rows = (data.get("info") or {}).get("stats", {}).get("rows_out")
+            print(f"= {name}: {kind.split('_')[1]} ({_fmt_int(rows)} rows)", file=err, flush=True)
+        elif kind == "stage_end" and data.get("info"):
+            st = data["info"]["stats"]
+            print(f"+ {name}: {data['state']} in {_elapsed(data['info']['elapsed_s'])} "
+                  f"({_fmt_int(st['rows_in'])} in, {_fmt_int(st['rows_out'])} out, {st['rejected_total']} rejected)",
+                  file=err, flush=True)
+
+    runner = Runner(config, table, RunOptions(fresh=args.fresh, until=args.until, from_stage=args.from_stage,
+                                              show_progress=not args.no_progress), events)
+    print(f"seedtune {__version__}: pipeline '{config.name}' -> {config.run_dir}", file=err)
+    runner.run()
+    manifest = json.loads((config.run_dir / "manifest.json").read_text(encoding="utf-8"))
+    print(stage_table(manifest["stages"]))
+    for line in _details(config.run_dir, manifest["stages"]):
+        print(line)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.run.manifest import read_manifest
+
+    path = Path(args.run_dir)
+    if path.is_file():
+        from pipeline.config import load_config
+
+        path = load_config(path).run_dir
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise UserError(f"{path}: no manifest.json here (not a seedtune run directory, or it never started)")
+    if args.json:
+        print(json.dumps(manifest["stages"], indent=2))
+        return 0
+    print(f"run '{manifest.get('name')}' in {path} (config {manifest.get('config_path')}, "
+          f"hash {manifest.get('config_hash')}, updated {manifest.get('updated')})")
+    print(stage_table(manifest["stages"]))
+    for line in _details(path, manifest["stages"]):
+        print(line)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.models.base import BackendUnavailable
+    from pipeline.run.runner import Runner
+    from pipeline.stages import stage_module
+
+    config, table = _load(args)
+    print(f"config {config.path}: OK ({len(config.stages)} stages, {len(config.models)} models)")
+    problems = []
+    for spec in config.stages:
+        module = stage_module(spec.kind, table)
+        if hasattr(module, "check"):
+            try:
+                module.check(spec.options)
+                print(f"  stage {spec.name} ({spec.kind}): files and templates OK")
+            except UserError as e:
+                problems.append(f"stage {spec.name}: {e}")
+    runner = Runner(config, table)
+    try:
+        for name in config.models:
+            try:
+                runner.backend(name).check()
+                print(f"  model {name} ({config.models[name].backend}): reachable")
+            except BackendUnavailable as e:
+                problems.append(f"model {name}: {e}")
+        if problems:
+            for p in problems:
+                print(f"error: {p}", file=sys.stderr)
+            return EXIT_USER
+        print("plan:")
+        for row in runner.plan():
+            print(f"  {row['name']:<16} {row['kind']:<14} {row['action']}")
+    finally:
+        runner.close()
+    return 0
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)
+    logging.getLogger("pipeline").addHandler(handler)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None, table: dict[str, str] | None = None) -> int:
+    """Entry point. ``table`` maps stage kinds to modules (default: :data:`pipeline.stages.STAGES`)."""
+    from pipeline.stages import STAGES
+
+    args = _parser().parse_args(argv)
+    args.table = table or STAGES
+    _setup_logging(args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill ends like Ctrl-C
+    from pipeline.run.runner import Interrupted, StageStopped
+
+    handlers = {"run": cmd_run, "status": cmd_status, "validate": cmd_validate}
+    try:
+        return handlers[args.command](args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except Interrupted as e:
+        print(f"\ninterrupted in stage '{e.stage}'. Every answer received so far is kept: run the same command "
+              f"again to continue where it stopped.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\ninterrupted. Run the same command again to continue where it stopped.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except StageStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Running a pipeline: the runner, the request journal, the journaled model client, the manifest."""
