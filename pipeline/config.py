@@ -144,6 +144,10 @@ def _apply_override(data: dict, expr: str) -> tuple:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
+        value = raw  # e.g. "?" or "- x": plain text, not YAML structure
+    if value is None and raw.strip() not in ("null", "~"):
+        value = raw
     node = data
     for k in keys[:-1]:
         if not isinstance(node, dict):

@@ -238,3 +238,29 @@ def test_until_and_from(tmp_path):
     assert len(sent(count)) == 6  # recomputed from the journal
     r = run(cfg, "--from", "nope")
     assert r.returncode == 2 and "--from nope: no such stage" in r.stderr
+
+
+def test_validate_prints_plan_and_status_shows_stages(tmp_path):
+    count = tmp_path / "count.txt"
+    run_dir = tmp_path / "run"
+    cfg = config(tmp_path, run_dir, count, rounds=2)
+    v = subprocess.run([sys.executable, str(TESTS / "run_pipeline.py"), "validate", str(cfg)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert v.returncode == 0, v.stderr
+    assert "model m (test): reachable" in v.stdout
+    assert [ln.split()[-1] for ln in v.stdout.splitlines() if ln.startswith("  ") and ln.split()[0] in
+            ("seeds", "ask", "upper")] == ["run", "run", "run"]
+    assert run(cfg).returncode == 0
+    v = subprocess.run([sys.executable, str(TESTS / "run_pipeline.py"), "validate", str(cfg), "--set",
+                        "stages.upper.suffix=?"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    plan = {ln.split()[0]: ln.split()[-1] for ln in v.stdout.splitlines() if ln.startswith("  ")
+            and ln.split()[0] in ("seeds", "ask", "upper")}
+    assert plan == {"seeds": "cached", "ask": "cached", "upper": "run"}
+    s = subprocess.run([sys.executable, "-m", "pipeline", "status", str(run_dir)], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert s.returncode == 0
+    rows = {ln.split()[0]: ln.split() for ln in s.stdout.splitlines()[1:] if ln.split()}
+    assert rows["ask"][1] == "complete" and rows["ask"][4] == "0" and rows["ask"][5] == "6/0"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["packages"]["torch"] and manifest["config_hash"]
+    assert manifest["stages"]["ask"]["cost_usd"] > 0
