@@ -73,6 +73,15 @@ def answer(request: ModelRequest, options: Options) -> str:
         items = [{"instruction": _instruction(rnd[4 * i : 4 * i + 4]), "input": "", "output": "Done."}
                  for i in range(3)]
         return json.dumps(items)
+    if re.search(r"Classification task:\s*$", text):
+        return " Yes" if rnd[5] % 4 == 0 else " No"
+    if re.search(r"Class label:\s*$", text):
+        labels = ["Positive", "Negative", "Neutral"]
+        return "".join(f"{'' if i == 0 else 'Class label:'} {labels[i]}\nInput: {_instruction(rnd[4 * i:4 * i + 4])}\n"
+                       for i in range(2))
+    if re.search(r"Example 1\s*$", text):
+        return (f"Input: {_instruction(rnd[8:12])}\nOutput: {_instruction(rnd[12:16])}\n\n"
+                f"Example 2\nInput: {_instruction(rnd[16:20])}\nOutput: {_instruction(rnd[20:24])}\n")
     m = re.search(r"(\d+)\.\s*$", text)
     if m:
         start = int(m.group(1))
