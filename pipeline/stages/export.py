@@ -1,0 +1,129 @@
+"""``export``: the data set users take away, in the formats their trainers read, with a dataset card.
+
+Into the stage folder (``<run_dir>/export/`` when the stage is named ``export``): ``dataset/`` (an HF
+DatasetDict with train/validation splits, split by task so no task straddles both), ``alpaca_data.json``
+(exactly instruction/input/output), ``messages.jsonl``, ``train.parquet``/``validation.parquet``, and
+``README.md``, a dataset card with the filter funnel, statistics and plots. ``push_to_hub`` is optional;
+its token comes from the ``HF_TOKEN`` environment variable only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.records import TrainingExample, write_json, write_jsonl
+from pipeline.stages import card
+from pipeline.stages.context import StageContext
+from pipeline.text.templates import render, template_file
+
+CARD_TEMPLATE = "card/dataset_card.md.j2"
+
+
+class PushToHub(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str
+    private: bool = True
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    validation_fraction: float = 0.1
+    license: str = "other"
+    description: str = ""
+    card_template: str = CARD_TEMPLATE
+    push_to_hub: PushToHub | None = None
+
+
+def dependencies(options: Options) -> list[Path]:
+    return [template_file(options.card_template)]
+
+
+def split_by_task(examples: list[TrainingExample], fraction: float, seed: int) -> tuple[list, list]:
+    tasks = sorted({e.task_id for e in examples})
+    random.Random(f"{seed}:split").shuffle(tasks)
+    n_val = round(len(tasks) * fraction)
+    if len(tasks) >= 2 and fraction > 0:
+        n_val = min(max(1, n_val), len(tasks) - 1)
+    val = set(tasks[:n_val])
+    return [e for e in examples if e.task_id not in val], [e for e in examples if e.task_id in val]
+
+
+def messages_of(e: TrainingExample) -> list[dict[str, str]]:
+    if e.messages:
+        return e.messages
+    user = e.instruction + (f"\n\n{e.input}" if e.input else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": e.output}]
+
+
+def run(ctx: StageContext) -> None:
+    import datasets
+
+    o: Options = ctx.options
+    src = ctx.find_input("template") or ctx.previous()
+    examples = card.read_examples(src)
+    ctx.stats.rows_in = len(examples)
+    train, val = split_by_task(examples, o.validation_fraction, ctx.seed)
+    rows = lambda xs: [e.model_dump(mode="json") for e in xs]  # noqa: E731
+    features = None
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(train), features=features),
+                               "validation": datasets.Dataset.from_list(rows(val), features=features)})
+    out = ctx.out_dir
+    dd.save_to_disk(str(out / "dataset"))
+    for split, ds in dd.items():
+        ds.to_parquet(str(out / f"{split}.parquet"))
+    write_json(out / "alpaca_data.json", [{"instruction": e.instruction, "input": e.input, "output": e.output}
+                                          for e in examples])
+    write_jsonl(out / "messages.jsonl", ({"messages": messages_of(e)} for e in examples))
+
+    funnel, instance_notes = card.funnel(ctx.inputs, len(examples))
+    write_json(out / "funnel.json", {"funnel": funnel, "instance_drops": instance_notes})
+    seeds_in = ctx.find_input("seeds")
+    seeds = list(ctx.read_records(seeds_in)) if seeds_in else []
+    rouge = card.rouge_to_seeds(examples, seeds) if seeds else []
+    verbs = card.leading_verbs(examples)
+    manifest_path = ctx.run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {}
+    models = [{"name": k, "backend": v.get("backend"), "model": v.get("model")}
+              for k, v in (manifest.get("config", {}).get("models") or {}).items()]
+    templates = sorted({t for inp in ctx.inputs if inp.kind == "generate"
+                        for t in _templates_used(inp.dir)})
+    n = len(examples)
+    size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "100K<n<1M"
+    text = render(
+        o.card_template, license=o.license, size_category=size, name=manifest.get("name", ctx.name),
+        homepage="https://pypi.org/project/seedtune/", description=o.description, final=n,
+        final_tasks=len({e.task_id for e in examples}), seed_count=len(seeds), train_rows=len(train),
+        validation_rows=len(val), models=models, templates=templates, config_hash=manifest.get("config_hash", "-"),
+        format=examples[0].format if examples else "-", funnel=funnel, instance_notes=instance_notes,
+        lengths=card.length_stats(examples), share_input=sum(bool(e.input) for e in examples) / max(1, n),
+        share_classification=sum(bool(e.is_classification) for e in examples) / max(1, n), verbs=verbs[:10],
+        rouge={"mean": round(sum(rouge) / len(rouge), 3) if rouge else "-", "max": round(max(rouge), 3) if rouge else "-",
+               "hist": card.histogram(rouge)},
+        plots=card.plots(out, examples, rouge, verbs))
+    (out / "README.md").write_text(text, encoding="utf-8")
+    ctx.stats.rows_out = n
+    ctx.stats.metrics.update(train_rows=len(train), validation_rows=len(val), final=n)
+    if o.push_to_hub:
+        token = os.environ.get("HF_TOKEN")
+        dd.push_to_hub(o.push_to_hub.repo_id, private=o.push_to_hub.private, token=token)
+
+
+def _templates_used(stage_dir: Path) -> set[str]:
+    used: set[str] = set()
+    path = stage_dir / "records.jsonl"
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                prov = json.loads(line).get("provenance") or {}
+                if prov.get("template"):
+                    used.add(prov["template"])
+                if (prov.get("extra") or {}).get("instances_template"):
+                    used.add(prov["extra"]["instances_template"])
+    return used
