@@ -1,0 +1,137 @@
+"""Training on transformers' ``Trainer``: arguments, LoRA, gradient checkpointing, checkpoint resume.
+
+``Trainer`` already normalises gradient accumulation by the number of label tokens (B7), handles mixed
+precision, distributed training (accelerate/torchrun) and checkpoint resume; seedtune writes only the
+data layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import MissingExtra
+
+log = logging.getLogger(__name__)
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    merge_on_save: bool = True
+
+
+class TrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = 3.0
+    max_steps: int = -1
+    learning_rate: float = 2e-5
+    per_device_batch_size: int = 4
+    gradient_accumulation: int = 1
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on a GPU that supports it, else fp32)
+    group_by_length: bool = True
+    save_steps: int = 50
+    logging_steps: int = 5
+    lora: LoraOptions | None = None
+    extra_args: dict[str, Any] = Field(default_factory=dict)  # any other TrainingArguments field
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16":
+        return {"bf16": True}
+    if precision == "fp16":
+        if not cuda:
+            raise ValueError("fp16 training needs a GPU; use precision: bf16 or fp32 on a CPU")
+        return {"fp16": True}
+    return {}
+
+
+def apply_lora(model: Any, lora: LoraOptions, gradient_checkpointing: bool) -> Any:
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError:
+        raise MissingExtra("LoRA training", "lora", "peft") from None
+    task = TaskType.SEQ_2_SEQ_LM if getattr(model.config, "is_encoder_decoder", False) else TaskType.CAUSAL_LM
+    if gradient_checkpointing:
+        # Without inputs that require grad, checkpointed LoRA layers get no gradient (B8).
+        model.enable_input_require_grads()
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules, task_type=task)
+    return get_peft_model(model, cfg)
+
+
+def training_arguments(o: TrainOptions, output_dir: Path, seed: int, num_rows: int):
+    from transformers import TrainingArguments
+
+    steps_per_epoch = max(1, num_rows // max(1, o.per_device_batch_size * o.gradient_accumulation))
+    total = o.max_steps if o.max_steps > 0 else int(steps_per_epoch * o.epochs)
+    args = dict(
+        output_dir=str(output_dir), num_train_epochs=o.epochs, max_steps=o.max_steps,
+        learning_rate=o.learning_rate, per_device_train_batch_size=o.per_device_batch_size,
+        gradient_accumulation_steps=o.gradient_accumulation, warmup_steps=int(round(o.warmup_ratio * total)),
+        lr_scheduler_type=o.lr_scheduler, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+        logging_steps=o.logging_steps, save_steps=o.save_steps, save_total_limit=2, report_to="none", seed=seed,
+        data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if o.group_by_length else "random",
+        gradient_checkpointing=o.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if o.gradient_checkpointing else None,
+        disable_tqdm=True, **precision_flags(o.precision),
+    )
+    args.update(o.extra_args)
+    return TrainingArguments(**args)
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not Path(output_dir).is_dir():
+        return None
+    return get_last_checkpoint(str(output_dir))
+
+
+def train(model: Any, tokenizer: Any, dataset: Any, collator: Any, o: TrainOptions, output_dir: Path, seed: int,
+          callbacks: list | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train (resuming from the last checkpoint in ``output_dir``); returns the model and the log history."""
+    from transformers import Trainer
+
+    if o.lora is not None:
+        model = apply_lora(model, o.lora, o.gradient_checkpointing)
+    elif o.gradient_checkpointing:
+        model.config.use_cache = False
+    args = training_arguments(o, output_dir, seed, len(dataset))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                      processing_class=tokenizer, callbacks=callbacks)
+    resume = last_checkpoint(output_dir)
+    if resume:
+        log.info("resuming training from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    info = {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
+            "resumed_from": Path(resume).name if resume else None,
+            "loss_curve": [{"step": h["step"], "loss": round(h["loss"], 4)} for h in history]}
+    return trainer.model, info
+
+
+def finalize(model: Any, o: TrainOptions) -> Any:
+    """The plain model to save: LoRA adapters merged in (or the adapter model when merge_on_save is off)."""
+    if o.lora is not None and o.lora.merge_on_save:
+        return model.merge_and_unload()
+    return model
