@@ -215,6 +215,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
     handler.setLevel(level)
     logging.getLogger("pipeline").addHandler(handler)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # seedtune shows its own progress bars; the libraries' per-file bars would bury them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -116,7 +116,8 @@ class JournaledClient:
                     log.warning("request failed (%s): %s", res.kind, res.error)
             if bar is not None:
                 bar.update(len(group))
-                bar.set_postfix(cost=f"${self.stats.cost_usd:.4f}", refresh=False)
+                if self.price.input_per_million or self.price.output_per_million:
+                    bar.set_postfix(cost=f"${self.stats.cost_usd:.4f}", refresh=False)
             return not self.budget_reached()
 
         try:

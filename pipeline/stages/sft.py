@@ -145,7 +145,8 @@ def run(ctx: StageContext) -> None:
     ds = ds.add_column("length", [len(r["input_ids"]) for r in rows])
     trained_tokens = sum(sum(1 for x in r["labels"] if x != -100) for r in rows)
     model.config.use_cache = False
-    tuned, info = train(model, tok, ds, Collator(tok.pad_token_id, s2s), o, ctx.scratch_dir / "checkpoints", ctx.seed)
+    tuned, info = train(model, tok, ds, Collator(tok.pad_token_id, s2s), o, ctx.scratch_dir / "checkpoints", ctx.seed,
+                        callbacks=[_progress(ctx)])
     tuned = finalize(tuned, o)
     tuned.config.use_cache = True
     tuned.eval()
@@ -169,6 +170,31 @@ def run(ctx: StageContext) -> None:
         ctx.stats.metrics["evaluation"] = {"before": strip(before), "after": strip(after)}
         (ctx.out_dir / "evaluation.json").write_text(json.dumps({"before": before, "after": after}, indent=2),
                                                      encoding="utf-8")
+
+
+def _progress(ctx: StageContext):
+    """A progress bar over training steps, and the losses in the log."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = ctx.progress(state.max_steps, "training", unit="step")
+            self.bar.update(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                ctx.log.info("step %d: loss %.4f", state.global_step, logs["loss"])
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    return Progress()
 
 
 def _save(ctx: StageContext, model, tok, fmt: str, o: Options) -> None:

@@ -79,6 +79,7 @@ def apply_lora(model: Any, lora: LoraOptions, gradient_checkpointing: bool) -> A
 
 
 def training_arguments(o: TrainOptions, output_dir: Path, seed: int, num_rows: int):
+    import torch
     from transformers import TrainingArguments
 
     steps_per_epoch = max(1, num_rows // max(1, o.per_device_batch_size * o.gradient_accumulation))
@@ -91,10 +92,10 @@ def training_arguments(o: TrainOptions, output_dir: Path, seed: int, num_rows: i
         logging_steps=o.logging_steps, save_steps=o.save_steps, save_total_limit=2, report_to="none", seed=seed,
         data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if o.group_by_length else "random",
-        gradient_checkpointing=o.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if o.gradient_checkpointing else None,
-        disable_tqdm=True, **precision_flags(o.precision),
+        disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(), **precision_flags(o.precision),
     )
+    if o.gradient_checkpointing:
+        args.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     args.update(o.extra_args)
     return TrainingArguments(**args)
 
@@ -111,6 +112,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, collator: Any, o: TrainOptio
           callbacks: list | None = None) -> tuple[Any, dict[str, Any]]:
     """Train (resuming from the last checkpoint in ``output_dir``); returns the model and the log history."""
     from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
 
     if o.lora is not None:
         model = apply_lora(model, o.lora, o.gradient_checkpointing)
@@ -119,6 +121,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, collator: Any, o: TrainOptio
     args = training_arguments(o, output_dir, seed, len(dataset))
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # library code does not print; losses go to the log and the card
     resume = last_checkpoint(output_dir)
     if resume:
         log.info("resuming training from %s", resume)

@@ -1,0 +1,128 @@
+"""Template and export: the formats, the splits, the card's funnel, and the B5 token-boundary property."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from pipeline.records import Instance, Task
+from pipeline.stages.template import Options, render_example
+from tinymodel import tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = tmp / "c.yaml"
+    cfg.write_text(f"""name: exp
+run_dir: {tmp / 'run'}
+seed: 5
+models:
+  m: {{backend: test}}
+stages:
+  seeds: {{path: {ROOT / 'data/seed_tasks.jsonl'}}}
+  generate: {{model: m, target: 30, batch_size: 4}}
+  filter: {{}}
+  dedup: {{}}
+  decontaminate: {{eval_sets: [{ROOT / 'data/defects_sample.jsonl'}]}}
+  template: {{format: chat, system_prompt: You are helpful.}}
+  export: {{validation_fraction: 0.2}}
+""")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg), "--no-progress"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return tmp / "run"
+
+
+def test_dataset_splits_add_up_to_card(run_dir):
+    dd = datasets.load_from_disk(str(run_dir / "export" / "dataset"))
+    assert set(dd) == {"train", "validation"} and len(dd["validation"]) > 0
+    card = (run_dir / "export" / "README.md").read_text()
+    final = int(re.search(r"dataset of (\d+) examples", card).group(1))
+    assert len(dd["train"]) + len(dd["validation"]) == final
+    assert not {r["task_id"] for r in dd["train"]} & {r["task_id"] for r in dd["validation"]}
+
+
+def test_alpaca_json_and_messages(run_dir):
+    data = json.loads((run_dir / "export" / "alpaca_data.json").read_text())
+    assert data and all(set(r) == {"instruction", "input", "output"} for r in data)
+    assert all(isinstance(r["input"], str) for r in data)
+    tok = tiny_tokenizer()
+    rows = [json.loads(line) for line in (run_dir / "export" / "messages.jsonl").read_text().splitlines()]
+    assert len(rows) == len(data)
+    for row in rows:
+        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+        ids = tok.apply_chat_template(row["messages"], tokenize=True)
+        assert len(ids) > 0
+
+
+def test_funnel_adds_up_and_matches_status(run_dir):
+    funnel = json.loads((run_dir / "export" / "funnel.json").read_text())["funnel"]
+    remaining = None
+    for row in funnel:
+        if row["removed"] is not None and remaining is not None:
+            assert row["remaining"] == remaining - row["removed"], row
+        if not row["step"].endswith("requests") and not row["step"].startswith("final: examples"):
+            remaining = row["remaining"]
+    assert not any("unaccounted" in r["step"] for r in funnel)
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    final_tasks = next(r for r in funnel if r["step"] == "final: tasks")["remaining"]
+    assert final_tasks == manifest["decontaminate"]["rows_out"]
+    removed = {r["step"]: r["removed"] for r in funnel if r["removed"]}
+    for stage in ("filter", "dedup", "decontaminate"):
+        for rule, n in manifest[stage]["rejected"].items():
+            rec = [json.loads(x) for x in (run_dir / stage / "rejected.jsonl").read_text().splitlines()]
+            task_level = sum(1 for x in rec if x["rule"] == rule and "task_id" not in x["record"])
+            if task_level:
+                assert removed[f"{stage}: {rule}"] == task_level
+    s = subprocess.run([sys.executable, "-m", "pipeline", "status", str(run_dir)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    line = next(x for x in s.stdout.splitlines() if x.startswith("export "))
+    assert str(funnel[-1]["remaining"]) in line.split()
+
+
+def test_plots_exist_and_are_referenced(run_dir):
+    card = (run_dir / "export" / "README.md").read_text()
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", card)
+    assert len(pngs) >= 2
+    for p in pngs:
+        assert (run_dir / "export" / p).stat().st_size > 1000
+    assert card.startswith("---\nlicense:") and "size_categories" in card
+
+
+def sentencepiece_like_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tinymodel import CORPUS
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("make_tok", [tiny_tokenizer, sentencepiece_like_tokenizer])
+def test_alpaca_prompt_is_token_prefix(make_tok):
+    tok = make_tok()
+    tasks = [Task(id=f"t{i}", instruction=ins, instances=[Instance(input=inp, output=out)])
+             for i, (ins, inp, out) in enumerate([
+                 ("Classify the review.", "Great food!", "C"), ("Name a color.", "", "Blue"),
+                 ("Add the numbers.", "2, 3", "5"), ("Translate to French.", "Hello", " Bonjour"),
+                 ("Give a tip.", "", "\nDrink water."), ("Copy the input.", "abc def", "abc def")])]
+    for t in tasks:
+        ex = render_example(t, 0, Options(format="alpaca"))
+        assert ex.prompt.endswith("### Response:\n")
+        p = tok(ex.prompt)["input_ids"]
+        full = tok(ex.prompt + ex.response)["input_ids"]
+        assert full[: len(p)] == p, (t.instruction, tok.convert_ids_to_tokens(p[-3:]), tok.convert_ids_to_tokens(full[len(p) - 3:len(p) + 2]))
