@@ -100,3 +100,48 @@ def test_check_renders_all_templates():
     check(Options(model="m"))
     check(Options(model="m", mode="alpaca", alpaca_style="chat"))
     check(Options(model="m", bootstrap_style="chat", instances_style="answer"))
+
+
+def test_generate_killed_five_times_resumes_exactly(tmp_path):
+    import random
+    import signal
+    import sqlite3
+    import time
+
+    def cfg(name, count):
+        body = BODY.replace("COUNT", str(count)).replace("{backend: test,", "{backend: test, delay_s: 0.03,")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\nrun_dir: {tmp_path / name}\nseed: 3\n" + body)
+        return path
+
+    def sent(count):
+        return count.read_text().split() if count.exists() else []
+
+    ref = run_config(tmp_path, BODY.replace("COUNT", str(tmp_path / "ref-count")), "ref")
+    count = tmp_path / "count"
+    path = cfg("killed", count)
+    rng = random.Random(11)
+    resent = []
+    for _ in range(5):
+        db = tmp_path / "killed" / "journal.sqlite"
+        committed = {k for (k,) in sqlite3.connect(str(db)).execute("SELECT key FROM results")} if db.exists() else set()
+        start, target = len(sent(count)), len(sent(count)) + rng.randint(2, 8)
+        p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path), "--no-progress"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while len(sent(count)) < target and p.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.04))
+        assert p.poll() is None, "the stage finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        resent += [k for k in sent(count)[start:] if k in committed]
+    db = tmp_path / "killed" / "journal.sqlite"
+    committed = {k for (k,) in sqlite3.connect(str(db)).execute("SELECT key FROM results")}
+    start = len(sent(count))
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-progress"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    resent += [k for k in sent(count)[start:] if k in committed]
+    assert resent == []
+    for f in ("records.jsonl", "rejected.jsonl", "raw_completions.jsonl"):
+        assert (tmp_path / "killed" / "generate" / f).read_bytes() == (ref / "generate" / f).read_bytes()
