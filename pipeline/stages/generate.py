@@ -77,7 +77,7 @@ class Options(BaseModel):
     json_mode: bool = False  # ask the backend for JSON output in chat prompts
     templates: Templates = Field(default_factory=Templates)
     bootstrap_params: GenParams = Field(default_factory=lambda: _params(
-        temperature=0.7, top_p=0.5, max_tokens=1024, presence_penalty=2.0, stop=["\n\n", "\n16", "16."]))
+        temperature=0.7, top_p=0.5, max_tokens=1024, presence_penalty=2.0, stop=["\n\n", "\n16."]))
     classify_params: GenParams = Field(default_factory=lambda: _params(temperature=0.0, max_tokens=3))
     instances_params: GenParams = Field(default_factory=lambda: _params(
         temperature=0.0, max_tokens=300, presence_penalty=1.5, stop=["\nTask:"]))
