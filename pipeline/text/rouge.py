@@ -7,11 +7,12 @@ As in Self-Instruct/Alpaca, the candidate is the target and the kept instruction
 
 :class:`NearDuplicateIndex` makes the originals' greedy decisions (reject a candidate whose F1 with any kept
 instruction exceeds the threshold; a kept candidate joins the pool at once) with rapidfuzz's C++ LCS,
-batched over the pool by token length, skipping every length that cannot reach the threshold.
+scoring only the pairs whose token overlap could reach the best score (see the class).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -59,25 +60,53 @@ class Decision:
     nearest: str | None  # key of that kept item
 
 
-class _Bucket:
-    """Kept items of one token length, as strings of token codes (one character per token)."""
+class _Growing:
+    """An int32 array that grows by doubling (amortised O(1) append, zero-copy view)."""
 
-    __slots__ = ("codes", "keys")
+    __slots__ = ("data", "size")
 
     def __init__(self) -> None:
-        self.codes: list[str] = []
-        self.keys: list[str] = []
+        self.data = np.empty(4, dtype=np.int32)
+        self.size = 0
+
+    def append(self, value: int) -> None:
+        if self.size == len(self.data):
+            self.data = np.concatenate([self.data, np.empty(len(self.data), dtype=np.int32)])
+        self.data[self.size] = value
+        self.size += 1
+
+    def view(self) -> np.ndarray:
+        return self.data[: self.size]
+
+
+def _f1_array(lcs: np.ndarray, la: int, lb: np.ndarray) -> np.ndarray:
+    """f1_from_lcs over arrays, with the same floating-point operations (lcs >= 1 here)."""
+    p = lcs / lb
+    r = lcs / la
+    return 2 * p * r / (p + r)
 
 
 class NearDuplicateIndex:
-    def __init__(self, threshold: float = 0.7):
+    """Greedy ROUGE-L near-duplicate index.
+
+    An inverted index over token occurrences ("the#1", "the#2", ...) gives, for every kept item that shares a
+    token with the candidate, the size of their multiset overlap — an upper bound of their LCS. Items are
+    scored exactly (rapidfuzz's LCS, batched) in decreasing order of the F1 bound that overlap allows, and the
+    search stops as soon as no remaining bound can beat the best score found: the best score and the nearest
+    item are exact, and most pairs are never scored. Items sharing no token score 0.
+    """
+
+    def __init__(self, threshold: float = 0.7, chunk: int = 64):
         self.threshold = threshold
+        self.chunk = chunk
         self._vocab: dict[str, int] = {}
-        self._buckets: dict[int, _Bucket] = {}
-        self._n = 0
+        self._postings: dict[str, _Growing] = {}
+        self._codes: list[str] = []
+        self._keys: list[str] = []
+        self._lens = _Growing()
 
     def __len__(self) -> int:
-        return self._n
+        return len(self._keys)
 
     def _encode(self, tokens: list[str]) -> str:
         vocab = self._vocab
@@ -86,53 +115,125 @@ class NearDuplicateIndex:
             code = vocab.get(t)
             if code is None:
                 code = len(vocab) + 0x100
-                if code > 0x10FFFF or 0xD800 <= code < 0xE000:
-                    code = 0xE000 + len(vocab) if code < 0xE000 else code
+                if code >= 0xD800:  # skip the surrogate range
+                    code += 0x800
                 vocab[t] = code
             out.append(chr(code))
         return "".join(out)
 
+    @staticmethod
+    def _occurrences(tokens: list[str]) -> list[str]:
+        seen: dict[str, int] = {}
+        out = []
+        for t in tokens:
+            n = seen.get(t, 0) + 1
+            seen[t] = n
+            out.append(f"{t}#{n}")
+        return out
+
     def add(self, text: str, key: str) -> None:
-        tokens = tokenize(text)
-        self._add_tokens(tokens, key)
+        self._add_tokens(tokenize(text), key)
 
     def _add_tokens(self, tokens: list[str], key: str) -> None:
-        bucket = self._buckets.setdefault(len(tokens), _Bucket())
-        bucket.codes.append(self._encode(tokens))
-        bucket.keys.append(key)
-        self._n += 1
+        idx = len(self._keys)
+        self._keys.append(key)
+        self._codes.append(self._encode(tokens))
+        self._lens.append(len(tokens))
+        for occ in self._occurrences(tokens):
+            posting = self._postings.get(occ)
+            if posting is None:
+                posting = self._postings[occ] = _Growing()
+            posting.append(idx)
 
-    def _best(self, tokens: list[str], stop_above: float | None) -> tuple[float, str | None]:
+    def _best(self, tokens: list[str]) -> tuple[float, str | None]:
         la = len(tokens)
-        if la == 0 or not self._n:
+        if la == 0 or not self._keys:
             return 0.0, None
+        lists = [p.view() for p in (self._postings.get(o) for o in self._occurrences(tokens)) if p is not None]
+        if not lists:
+            return 0.0, None
+        counts = np.bincount(np.concatenate(lists), minlength=len(self._keys))
+        items = np.flatnonzero(counts)
+        lb = self._lens.view()[items]
+        bound = _f1_array(np.minimum(counts[items], np.minimum(lb, la)), la, lb)
         code = self._encode(tokens)
-        # Upper bound of F1 for each pool length: LCS <= min(la, lb).
-        bounds = sorted(((f1_from_lcs(min(la, lb), la, lb), lb) for lb in self._buckets if lb), reverse=True)
         best, best_key = 0.0, None
-        for bound, lb in bounds:
-            if bound <= best or (stop_above is not None and bound <= stop_above and best > stop_above):
-                break
-            bucket = self._buckets[lb]
-            lcs = process.cdist([code], bucket.codes, scorer=LCSseq.similarity, dtype=np.int32, workers=1)[0]
-            p = lcs / lb
-            r = lcs / la
-            s = p + r
+        # Score the most promising items first, then only those whose bound still beats the best score.
+        k = min(self.chunk, len(items))
+        first = np.argpartition(-bound, k - 1)[:k] if k < len(items) else np.arange(len(items))
+        rest = None
+        while True:
+            batch = first if rest is None else rest[: self.chunk]
+            order = batch[np.argsort(-bound[batch], kind="stable")]
+            ids = items[order]
+            lcs = process.cdist([code], [self._codes[i] for i in ids], scorer=LCSseq.similarity,
+                                dtype=np.int32, workers=1)[0]
             with np.errstate(invalid="ignore", divide="ignore"):
-                f = np.where(s > 0, 2 * p * r / np.where(s > 0, s, 1), 0.0)
-            i = int(np.argmax(f))
-            if f[i] > best:
-                best, best_key = float(f[i]), bucket.keys[i]
-        return best, best_key
+                f = np.where(lcs > 0, _f1_array(lcs, la, lb[order]), 0.0)
+            j = int(np.argmax(f))
+            if f[j] > best:
+                best, best_key = float(f[j]), self._keys[int(ids[j])]
+            if rest is None:
+                mask = bound > best
+                mask[first] = False
+                rest = np.flatnonzero(mask)
+                rest = rest[np.argsort(-bound[rest], kind="stable")]
+            else:
+                rest = rest[self.chunk:]
+                rest = rest[bound[rest] > best]
+            if not len(rest):
+                return best, best_key
+
+    def _min_overlap(self, la: int) -> int:
+        """The least multiset overlap (>= LCS) a kept item needs for F1 > threshold (a little inclusive)."""
+        t = self.threshold
+        return max(1, math.floor(t * la / (2 - t) - 1e-6) + 1)
+
+    def _best_above_threshold(self, tokens: list[str]) -> tuple[float, str | None]:
+        """Exact best score among the items that could exceed the threshold (prefix filtering).
+
+        An item with F1 > threshold shares at least k tokens with the candidate, so it appears in the posting
+        list of at least one of the candidate's (la - k + 1) rarest token occurrences: only those lists are
+        read, and only items of a feasible length are scored.
+        """
+        la = len(tokens)
+        if la == 0 or not self._keys:
+            return 0.0, None
+        occ = [p for p in (self._postings.get(o) for o in self._occurrences(tokens)) if p is not None]
+        probe = la - self._min_overlap(la) + 1
+        if len(occ) < la - probe + 1:  # fewer shared occurrences than the least overlap: nothing can exceed
+            return 0.0, None
+        occ.sort(key=lambda p: p.size)
+        # Reading m more lists than the prefix needs, an item that can exceed the threshold appears in at
+        # least m + 1 of them: a count filter that drops most items sharing only a word or two.
+        extra = min(2, len(occ) - probe)
+        counts = np.bincount(np.concatenate([p.view() for p in occ[:probe + extra]]))
+        ids = np.flatnonzero(counts > extra)
+        lb = self._lens.view()[ids]
+        feasible = _f1_array(np.minimum(lb, la), la, lb) > self.threshold - 1e-9
+        ids, lb = ids[feasible], lb[feasible]
+        if not len(ids):
+            return 0.0, None
+        codes = [self._codes[i] for i in ids.tolist()]
+        lcs = process.cdist([self._encode(tokens)], codes, scorer=LCSseq.similarity, dtype=np.int32, workers=1)[0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f = np.where(lcs > 0, _f1_array(lcs, la, lb), 0.0)
+        j = int(np.argmax(f))
+        return (float(f[j]), self._keys[int(ids[j])]) if f[j] > 0 else (0.0, None)
 
     def query(self, text: str) -> tuple[float, str | None]:
-        """Best ROUGE-L F1 of ``text`` against the kept pool, and that item's key."""
-        return self._best(tokenize(text), None)
+        """Best ROUGE-L F1 of ``text`` against the whole kept pool, and that item's key (exact)."""
+        return self._best(tokenize(text))
 
-    def check_and_add(self, text: str, key: str) -> Decision:
+    def check_and_add(self, text: str, key: str, exact_nearest: bool = False) -> Decision:
+        """The originals' greedy decision. ``score``/``nearest`` are exact whenever the score exceeds the
+        threshold (every rejection); for a kept record they are the best among the items that could have come
+        close, unless ``exact_nearest`` asks for a search of the whole pool."""
         tokens = tokenize(text)
-        score, nearest = self._best(tokens, None)
+        score, nearest = self._best_above_threshold(tokens)
         if score > self.threshold:
             return Decision(False, score, nearest)
+        if exact_nearest:
+            score, nearest = self._best(tokens)
         self._add_tokens(tokens, key)
         return Decision(True, score, nearest)
