@@ -21,6 +21,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default listen backlog (5) refuses bursts of concurrent connections
+
+
 def default_answer(body: dict) -> str:
     text = body.get("prompt") or json.dumps(body.get("messages"))
     return "Answer " + hashlib.sha256(f"{text}|{body.get('seed')}".encode()).hexdigest()[:12]
@@ -34,8 +39,7 @@ class FakeOpenAI:
         self.log: list[dict] = []
         self.times: list[float] = []
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -59,6 +63,7 @@ class FakeOpenAI:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in separate writes
 
             def log_message(self, *args):  # quiet
                 return
@@ -128,7 +133,6 @@ if __name__ == "__main__":
     args = ap.parse_args()
     srv = FakeOpenAI(latency=args.latency)
     srv.httpd.server_close()
-    srv.httpd = ThreadingHTTPServer(("127.0.0.1", args.port), srv._handler())
-    srv.httpd.daemon_threads = True
+    srv.httpd = _Server(("127.0.0.1", args.port), srv._handler())
     print(f"serving on http://127.0.0.1:{args.port}/v1", flush=True)
     srv.httpd.serve_forever()

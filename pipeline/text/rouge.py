@@ -23,6 +23,7 @@ from rapidfuzz.distance import LCSseq
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 _SPACES = re.compile(r"\s+")
 _VALID = re.compile(r"^[a-z0-9]+$")
+SMALL = 32  # probed postings up to this size are counted in plain Python
 
 
 def tokenize(text: str) -> list[str]:
@@ -207,19 +208,37 @@ class NearDuplicateIndex:
         # Reading m more lists than the prefix needs, an item that can exceed the threshold appears in at
         # least m + 1 of them: a count filter that drops most items sharing only a word or two.
         extra = min(2, len(occ) - probe)
-        counts = np.bincount(np.concatenate([p.view() for p in occ[:probe + extra]]))
-        ids = np.flatnonzero(counts > extra)
-        lb = self._lens.view()[ids]
+        lists = occ[:probe + extra]
+        if sum(p.size for p in lists) <= SMALL:  # the common case: plain Python beats numpy's call overhead
+            counts: dict[int, int] = {}
+            for p in lists:
+                for i in p.data[: p.size].tolist():
+                    counts[i] = counts.get(i, 0) + 1
+            lens = self._lens.data
+            floor = self.threshold - 1e-9
+            ids = [i for i, c in counts.items() if c > extra and f1_from_lcs(min(int(lens[i]), la), la, int(lens[i])) > floor]
+            if not ids:
+                return 0.0, None
+            code = self._encode(tokens)
+            best, best_key = 0.0, None
+            for i in ids:
+                f = f1_from_lcs(int(LCSseq.similarity(code, self._codes[i])), la, int(lens[i]))
+                if f > best:
+                    best, best_key = f, self._keys[i]
+            return best, best_key
+        counts_arr = np.bincount(np.concatenate([p.view() for p in lists]))
+        ids_arr = np.flatnonzero(counts_arr > extra)
+        lb = self._lens.view()[ids_arr]
         feasible = _f1_array(np.minimum(lb, la), la, lb) > self.threshold - 1e-9
-        ids, lb = ids[feasible], lb[feasible]
-        if not len(ids):
+        ids_arr, lb = ids_arr[feasible], lb[feasible]
+        if not len(ids_arr):
             return 0.0, None
-        codes = [self._codes[i] for i in ids.tolist()]
+        codes = [self._codes[i] for i in ids_arr.tolist()]
         lcs = process.cdist([self._encode(tokens)], codes, scorer=LCSseq.similarity, dtype=np.int32, workers=1)[0]
         with np.errstate(invalid="ignore", divide="ignore"):
             f = np.where(lcs > 0, _f1_array(lcs, la, lb), 0.0)
         j = int(np.argmax(f))
-        return (float(f[j]), self._keys[int(ids[j])]) if f[j] > 0 else (0.0, None)
+        return (float(f[j]), self._keys[int(ids_arr[j])]) if f[j] > 0 else (0.0, None)
 
     def query(self, text: str) -> tuple[float, str | None]:
         """Best ROUGE-L F1 of ``text`` against the whole kept pool, and that item's key (exact)."""
