@@ -145,3 +145,31 @@ def test_generate_killed_five_times_resumes_exactly(tmp_path):
     assert resent == []
     for f in ("records.jsonl", "rejected.jsonl", "raw_completions.jsonl"):
         assert (tmp_path / "killed" / "generate" / f).read_bytes() == (ref / "generate" / f).read_bytes()
+
+
+def test_self_instruct_175_config_against_server_from_env(tmp_path, shared_seeds):
+    """configs/self-instruct-175.yaml runs against an OpenAI-compatible server named by the environment."""
+    import os
+
+    from openai_server import FakeOpenAI
+
+    from pipeline.models import testing
+    from pipeline.models.base import GenParams, ModelRequest
+
+    def answer(body):  # the deterministic test model's answers, served over HTTP
+        req = ModelRequest(prompt=body["prompt"], params=GenParams(seed=body.get("seed")))
+        return testing.answer(req, testing.Options())
+
+    with FakeOpenAI(answer=answer) as srv:
+        env = {**os.environ, "OPENAI_BASE_URL": srv.url, "OPENAI_API_KEY": "test-key", "SEEDTUNE_MODEL": "base"}
+        r = subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/self-instruct-175.yaml", "--no-progress",
+                            "--set", f"run_dir={tmp_path / 'run'}", "--set", f"stages.seeds.path={shared_seeds}",
+                            "--set", "stages.generate.target=12", "--set", "stages.generate.batch_size=4",
+                            "--set", "stages.generate.max_requests=40"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert all(b["model"] == "base" and "prompt" in b for b in srv.log)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["seeds"]["metrics"]["tasks"] == 175
+    assert manifest["stages"]["export"]["rows_out"] > 0
+    assert "test-key" not in (tmp_path / "run" / "manifest.json").read_text()

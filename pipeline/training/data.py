@@ -3,19 +3,23 @@
 * Prompt and response are tokenised separately and their ids concatenated (B5: no token-boundary drift);
   the prompt's labels are -100 and the response's labels are its ids plus the real end id — the EOS id, or
   the chat template's end-of-turn id — appended as an id, never as a string (B1).
-* The length budget is split between prompt and response; truncation keeps the end id and is reported (B10).
+* The length budget is split between prompt and response; truncation keeps the end id and is reported
+  (B10); rows left with no trainable token are dropped and counted (B2).
 * :func:`encode_prompt` builds the inference prompt with the same code as training (B4).
 * The collator right-pads and pads labels with -100 whatever the pad id (B1, B3).
+* Encoder-decoders (T5, BART): input = the prompt, labels = response + EOS.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.records import TrainingExample
 
 SENTINEL = "\u2063SEEDTUNE\u2063"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
 
 
 @dataclass
@@ -25,10 +29,50 @@ class EncodedExample:
     truncated: bool = False
     lost_response_tokens: int = 0
     decoder: bool = False  # seq2seq: input_ids = encoder input, labels = decoder target
+    prompt_length: int = 0  # causal: how many leading ids are the prompt
+
+    @property
+    def trainable(self) -> int:
+        return sum(1 for x in self.labels if x != -100)
+
+
+@dataclass
+class EncodeReport:
+    """What tokenisation did to a dataset: kept rows, truncation (B10), rows dropped with no trainable token."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[TrainingExample] = field(default_factory=list)
+    truncated: int = 0
+    lost_response_tokens: int = 0
+    trained_tokens: int = 0
+    input_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"rows": len(self.rows), "dropped_no_trainable_tokens": len(self.dropped),
+                "truncated": self.truncated, "lost_response_tokens": self.lost_response_tokens,
+                "trained_tokens": self.trained_tokens, "input_tokens": self.input_tokens}
+
+
+def messages_of(example: TrainingExample) -> list[dict[str, str]] | None:
+    """Chat messages (``messages``, or ShareGPT ``conversations`` mapped to roles), or None for prompt formats."""
+    if example.messages:
+        return [{"role": m["role"], "content": m["content"]} for m in example.messages]
+    if example.conversations:
+        return [{"role": SHAREGPT_ROLES.get(c["from"], c["from"]), "content": c["value"]}
+                for c in example.conversations]
+    return None
 
 
 def is_chat(example: TrainingExample) -> bool:
-    return bool(example.messages)
+    return messages_of(example) is not None
+
+
+def prompt_messages(example: TrainingExample) -> list[dict[str, str]]:
+    """Every message before the final assistant turn (earlier turns stay in the prompt)."""
+    msgs = messages_of(example) or []
+    if msgs and msgs[-1]["role"] == "assistant":
+        return msgs[:-1]
+    return msgs
 
 
 def end_of_turn_id(tokenizer: Any) -> int | None:
@@ -47,7 +91,7 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
 
 
 def response_end_ids(tokenizer: Any) -> list[int]:
-    """Ids that end a response: the end-of-turn token of the chat template and the EOS token."""
+    """Ids that end a response: the chat template's end-of-turn token and the EOS token (for generation)."""
     out = []
     eot = end_of_turn_id(tokenizer)
     if eot is not None:
@@ -58,6 +102,7 @@ def response_end_ids(tokenizer: Any) -> list[int]:
 
 
 def end_id(tokenizer: Any, example: TrainingExample) -> int:
+    """The id appended to every response: end-of-turn for chat templates that have one, else EOS."""
     if is_chat(example):
         eot = end_of_turn_id(tokenizer)
         if eot is not None:
@@ -67,33 +112,47 @@ def end_id(tokenizer: Any, example: TrainingExample) -> int:
     return tokenizer.eos_token_id
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
 def encode_prompt(tokenizer: Any, example: TrainingExample, seq2seq: bool = False) -> list[int]:
-    """The prompt ids exactly as they start the training input_ids (and the encoder input for seq2seq)."""
+    """The prompt ids exactly as they start the training input_ids (the encoder input for seq2seq).
+
+    Chat: ``apply_chat_template(messages before the final assistant turn, add_generation_prompt=True)``;
+    prompt formats: ``example.prompt`` tokenised with special tokens (one BOS if the tokenizer adds one).
+    """
     if is_chat(example):
-        msgs = [m for m in example.messages if m["role"] != "assistant"] if example.messages else []
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
+        out = tokenizer.apply_chat_template(prompt_messages(example), add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids)
     if example.prompt is None:
         raise ValueError(f"example {example.id} has neither messages nor a prompt")
     ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
-    if not seq2seq and ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id \
-            and len(ids) > 1 and not example.prompt.endswith(tokenizer.eos_token or "\0"):
-        ids = ids[:-1]  # tokenizers that append EOS to every text: the prompt does not end the sequence
+    eos = tokenizer.eos_token_id
+    if not seq2seq and len(ids) > 1 and eos is not None and ids[-1] == eos:
+        ids = ids[:-1]  # tokenizers that append EOS to every text (T5-style): a causal prompt does not end there
     return ids
 
 
 def response_text(example: TrainingExample) -> str:
     if example.response is not None:
         return example.response
-    if example.messages and example.messages[-1]["role"] == "assistant":
-        return example.messages[-1]["content"]
+    msgs = messages_of(example)
+    if msgs and msgs[-1]["role"] == "assistant":
+        return msgs[-1]["content"]
     return example.output
 
 
+def encode_response(tokenizer: Any, example: TrainingExample) -> list[int]:
+    """Response ids (no special tokens) followed by the end id."""
+    return list(tokenizer(response_text(example), add_special_tokens=False)["input_ids"]) + [end_id(tokenizer, example)]
+
+
 def _cut_prompt(prompt: list[int], budget: int) -> list[int]:
-    """Keep the start (the instruction) and the end (the response marker) of a too-long prompt."""
+    """Keep the start (BOS, instruction) and the end (the response marker) of a too-long prompt."""
     if len(prompt) <= budget:
         return prompt
     tail = min(16, budget // 2)
@@ -102,25 +161,58 @@ def _cut_prompt(prompt: list[int], budget: int) -> list[int]:
 
 def encode_example(tokenizer: Any, example: TrainingExample, max_length: int, seq2seq: bool = False,
                    min_response_share: float = 0.5) -> EncodedExample:
+    """Token ids and labels for one example within ``max_length`` (the response keeps at least its share)."""
+    if max_length < 2:
+        raise ValueError("max_length must be at least 2")
     prompt = encode_prompt(tokenizer, example, seq2seq)
-    end = end_id(tokenizer, example)
-    response = list(tokenizer(response_text(example), add_special_tokens=False)["input_ids"]) + [end]
+    response = encode_response(tokenizer, example)
+    end = response[-1]
     if seq2seq:
         lost = max(0, len(response) - max_length)
         resp = response if not lost else response[: max_length - 1] + [end]
         inp = _cut_prompt(prompt, max_length)
         return EncodedExample(inp, resp, truncated=bool(lost) or len(inp) < len(prompt), lost_response_tokens=lost,
-                              decoder=True)
-    total = len(prompt) + len(response)
-    if total <= max_length:
-        return EncodedExample(prompt + response, [-100] * len(prompt) + response)
-    # Split the budget: the response keeps at least its share, the prompt the rest.
+                              decoder=True, prompt_length=len(inp))
+    if len(prompt) + len(response) <= max_length:
+        return EncodedExample(prompt + response, [-100] * len(prompt) + response, prompt_length=len(prompt))
+    # Split the budget: the response keeps at least its share, the prompt the rest; EOS re-appended (B1).
     resp_budget = max(max_length - len(prompt), min(len(response), int(max_length * min_response_share)))
     resp_budget = max(1, min(resp_budget, max_length - 1))
     lost = max(0, len(response) - resp_budget)
     resp = response if not lost else response[: resp_budget - 1] + [end]
     p = _cut_prompt(prompt, max_length - len(resp))
-    return EncodedExample(p + resp, [-100] * len(p) + resp, truncated=True, lost_response_tokens=lost)
+    return EncodedExample(p + resp, [-100] * len(p) + resp, truncated=True, lost_response_tokens=lost,
+                          prompt_length=len(p))
+
+
+def encode_dataset(tokenizer: Any, examples: list[TrainingExample], max_length: int,
+                   seq2seq: bool = False) -> EncodeReport:
+    """Encode every example; rows with no trainable token go to ``report.dropped`` (B2)."""
+    rep = EncodeReport()
+    for e in examples:
+        enc = encode_example(tokenizer, e, max_length, seq2seq)
+        # causal: the first label is never predicted (nothing precedes it), so it does not count
+        trainable = enc.trainable if seq2seq else sum(1 for x in enc.labels[1:] if x != -100)
+        if trainable == 0:
+            rep.dropped.append(e)
+            continue
+        rep.truncated += enc.truncated
+        rep.lost_response_tokens += enc.lost_response_tokens
+        rep.trained_tokens += trainable
+        rep.input_tokens += len(enc.input_ids)
+        rep.rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return rep
+
+
+def text_blocks(tokenizer: Any, texts: list[str], block: int) -> list[dict[str, Any]]:
+    """Continued pre-training rows: texts joined with EOS and cut into blocks, loss on every token."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    return [{"input_ids": ids[i:i + block], "labels": ids[i:i + block]} for i in range(0, len(ids) - 1, block)
+            if len(ids[i:i + block]) > 1]
 
 
 @dataclass
@@ -154,4 +246,20 @@ def ensure_pad_token(tokenizer: Any, model: Any = None) -> bool:
     tokenizer.add_special_tokens({"pad_token": "<|seedtune_pad|>"})
     if model is not None:
         model.resize_token_embeddings(len(tokenizer))
+    if model is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return True
+
+
+def alpaca_chat_template(tokenizer: Any, prompt_template: str) -> str:
+    """A tokenizer chat template that renders the trained Alpaca prompt from messages (B4).
+
+    ``prompt_template`` is the text of the no-input Alpaca template (from prompts/formats/); the wrapper
+    only loops over messages: a user message fills ``instruction``, an assistant message is followed by EOS.
+    A BOS is rendered first when the tokenizer adds one, since ``apply_chat_template`` adds no special tokens.
+    """
+    bos = "{{ bos_token }}" if adds_bos(tokenizer) else ""
+    return (bos + "{% for message in messages %}{% if message['role'] == 'user' %}"
+            "{% set instruction = message['content'] %}" + prompt_template +
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+            "{% endif %}{% endfor %}")

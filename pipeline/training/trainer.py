@@ -7,13 +7,14 @@ data layer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import MissingExtra
+from pipeline.errors import MissingExtra, UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class TrainOptions(BaseModel):
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
-    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on a GPU that supports it, else fp32)
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"  # auto: bf16 on a GPU that supports it, else fp32
     group_by_length: bool = True
     save_steps: int = 50
     logging_steps: int = 5
@@ -56,11 +57,15 @@ def precision_flags(precision: str) -> dict[str, bool]:
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise UserError("sft.precision: this GPU does not support bf16; use fp16 or fp32")
         return {"bf16": True}
     if precision == "fp16":
         if not cuda:
-            raise ValueError("fp16 training needs a GPU; use precision: bf16 or fp32 on a CPU")
+            raise UserError("sft.precision: fp16 training needs a GPU; use bf16 or fp32 on a CPU")
         return {"fp16": True}
+    if precision != "fp32":
+        raise UserError(f"sft.precision: unknown precision '{precision}' (fp32, bf16, fp16 or auto)")
     return {}
 
 
@@ -91,11 +96,17 @@ def training_arguments(o: TrainOptions, output_dir: Path, seed: int, num_rows: i
         lr_scheduler_type=o.lr_scheduler, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
         logging_steps=o.logging_steps, save_steps=o.save_steps, save_total_limit=2, report_to="none", seed=seed,
         data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if o.group_by_length else "random",
         disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(), **precision_flags(o.precision),
     )
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:  # transformers 5; 4.x has group_by_length
+        args["train_sampling_strategy"] = "group_by_length" if o.group_by_length else "random"
+    else:
+        args["group_by_length"] = o.group_by_length
     if o.gradient_checkpointing:
-        args.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing gives LoRA layers gradients (B8); transformers 5 renamed the fields
+        key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        args.update({key: True, f"{key}_kwargs": {"use_reentrant": False}})
     args.update(o.extra_args)
     return TrainingArguments(**args)
 
