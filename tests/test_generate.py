@@ -109,7 +109,7 @@ def test_generate_killed_five_times_resumes_exactly(tmp_path):
     import time
 
     def cfg(name, count):
-        body = BODY.replace("COUNT", str(count)).replace("{backend: test,", "{backend: test, delay_s: 0.03,")
+        body = BODY.replace("COUNT", str(count)).replace("{backend: test,", "{backend: test, delay_s: 0.1,")
         path = tmp_path / f"{name}.yaml"
         path.write_text(f"name: {name}\nrun_dir: {tmp_path / name}\nseed: 3\n" + body)
         return path
@@ -130,7 +130,7 @@ def test_generate_killed_five_times_resumes_exactly(tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while len(sent(count)) < target and p.poll() is None:
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.04))
+        time.sleep(rng.uniform(0, 0.12))
         assert p.poll() is None, "the stage finished before it could be killed"
         p.send_signal(signal.SIGKILL)
         p.wait()

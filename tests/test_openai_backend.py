@@ -122,7 +122,7 @@ def test_generation_killed_mid_stage_never_resends_committed(tmp_path):
     import sqlite3
     import time
 
-    with FakeOpenAI(latency=0.05, answer=lambda b: " Write a short poem about topic "
+    with FakeOpenAI(latency=0.15, answer=lambda b: " Write a short poem about topic "
                     + json.dumps(b)[-40:].replace('"', "") + ".\n5. Explain x.") as srv:
         cfg = tmp_path / "c.yaml"
         cfg.write_text(f"""name: k

@@ -72,7 +72,7 @@ def sent(count_file: Path) -> list[str]:
 def interrupted_runs(tmp_path, sig, kills, reference):
     run_dir = tmp_path / f"run-{sig}"
     count = tmp_path / f"count-{sig}.txt"
-    cfg = config(tmp_path, run_dir, count, delay=0.05)
+    cfg = config(tmp_path, run_dir, count, delay=0.15)  # slow enough to be killed mid-stage on a busy machine
     rng = random.Random(int(sig))
     killed = 0
     resent_committed = []
@@ -86,7 +86,7 @@ def interrupted_runs(tmp_path, sig, kills, reference):
         deadline = time.time() + 60
         while len(sent(count)) < target and p.poll() is None and time.time() < deadline:
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.06))
+        time.sleep(rng.uniform(0, 0.2))  # before, during or after the answer is committed
         if p.poll() is not None:
             break
         p.send_signal(sig)
