@@ -1,33 +1,66 @@
-"""A corpus of realistic bad completions; each case states exactly what must be kept."""
+"""Parsing against a corpus of realistic bad completions (tests/completions/*.yaml); each case states exactly
+what must be kept and which items are dropped, by rule."""
+
+from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pipeline.text.parsing import (parse_alpaca, parse_input_first, parse_instruction_list, parse_json_items,
-                                   parse_output_first, parse_yes_no)
+from pipeline.text.parsing import (parse_alpaca, parse_answer, parse_input_first, parse_instruction_list,
+                                   parse_json_items, parse_output_first, parse_yes_no)
 
-LIST_CASES = [
-    # (name, completion, truncated, kept, dropped rules)
-    ("clean", " Write a haiku about rain.\n10. List three uses of vinegar.\n11. Explain tides to a child.",
-     False, ["Write a haiku about rain.", "List three uses of vinegar.", "Explain tides to a child."], []),
-    ("skipped and repeated numbers", " Name a planet.\n12. Describe a sunset in French.\n12. Plan a picnic menu.\n"
-     "15. Summarize a news story.", False,
-     ["Name a planet.", "Describe a sunset in French.", "Plan a picnic menu.", "Summarize a news story."], []),
-    ("truncated last item", " Give two tips for sleep.\n10. Translate the phrase into Spa", True,
-     ["Give two tips for sleep."], ["truncated"]),
-    ("merged item header", " Sort the words.\n10. Output: apple, pear\n11. Rewrite the email politely.", False,
-     ["Sort the words.", "Rewrite the email politely."], ["malformed_item"]),
-    ("case is kept", " Describe NASA's role in the Apollo program.", False,
-     ["Describe NASA's role in the Apollo program."], []),
-    ("stop string inside content", " Explain why 16. is not a prime number.\n10. Count to 20.", False,
-     ["Explain why 16. is not a prime number.", "Count to 20."], []),
-]
+CORPUS = Path(__file__).resolve().parent / "completions"
 
 
-@pytest.mark.parametrize("name,text,truncated,kept,dropped", LIST_CASES, ids=[c[0] for c in LIST_CASES])
-def test_instruction_lists(name, text, truncated, kept, dropped):
-    r = parse_instruction_list(text, truncated)
-    assert r.items == kept
-    assert [d.rule for d in r.dropped] == dropped
+def cases(name: str) -> list:
+    data = yaml.safe_load((CORPUS / name).read_text())
+    return [pytest.param(c, id=c["name"]) for c in data]
+
+
+@pytest.mark.parametrize("case", cases("instruction_lists.yaml"))
+def test_instruction_lists(case):
+    r = parse_instruction_list(case["completion"], case.get("truncated", False), case.get("first_line_only", False),
+                               case.get("leading_item", True))
+    assert r.items == case["keep"]
+    assert [d.rule for d in r.dropped] == case["dropped"]
+
+
+INSTANCE_PARSERS = {"input_first": parse_input_first, "output_first": parse_output_first,
+                    "answer": lambda text, truncated: parse_answer(text, truncated)}
+
+
+@pytest.mark.parametrize("case", cases("instances.yaml"))
+def test_instances(case):
+    r = INSTANCE_PARSERS[case["parser"]](case["completion"], case.get("truncated", False))
+    assert [list(p) for p in r.items] == case["keep"]
+    assert sorted(d.rule for d in r.dropped) == sorted(case["dropped"])
+
+
+@pytest.mark.parametrize("case", cases("alpaca.yaml"))
+def test_alpaca(case):
+    r = parse_alpaca(case["completion"], case.get("truncated", False), chat=case.get("chat", False))
+    assert [[i.instruction, i.input, i.output] for i in r.items] == case["keep"]
+    assert sorted(d.rule for d in r.dropped) == sorted(case["dropped"])
+
+
+@pytest.mark.parametrize("case", cases("json.yaml"))
+def test_json_answers(case):
+    r = parse_json_items(case["completion"], case.get("truncated", False),
+                         tuple(case.get("required", ["instruction"])))
+    if case.get("fallback"):
+        assert r is None
+        return
+    assert [[i.instruction, i.input, i.output] for i in r.items] == case["keep"]
+    assert sorted(d.rule for d in r.dropped) == sorted(case["dropped"])
+
+
+def test_corpus_covers_the_listed_defects():
+    names = " ".join(c["name"] for f in CORPUS.glob("*.yaml") for c in yaml.safe_load(f.read_text()))
+    for topic in ("merged", "skipped and repeated numbers", "truncated", "markdown-wrapped JSON",
+                  "trailing prose", "stop strings inside content", "empty-input markers", "case is never changed"):
+        assert topic in names, topic
 
 
 def test_ten_items_one_malformed_keeps_nine():
@@ -35,60 +68,38 @@ def test_ten_items_one_malformed_keeps_nine():
     lines = [items[0]] + [f"{i + 10}. {t}" for i, t in enumerate(items[1:], 1)]
     lines[4] = "14. Input: this line is a stray header"
     r = parse_instruction_list(" " + "\n".join(lines), truncated=False)
-    assert len(r.items) == 9 and len(r.dropped) == 1
-
-
-def test_first_line_only():
-    r = parse_instruction_list(" Name three rivers.\nThe Nile is long.", False, first_line_only=True)
-    assert r.items == ["Name three rivers."]
-
-
-def test_input_first_examples_and_empty_input_markers():
-    text = ("Input: 2 + 2\nOutput: 4\n\nExample 2\nInput: <noinput>\nOutput: Hello\n\nExample 3\nInput: No input\n"
-            "Output: Hi\n\nExample 4\nOutput: just output\n\nExample 5\nInput: x")
-    r = parse_input_first(text, truncated=False)
-    assert r.items == [("2 + 2", "4"), ("", "Hello"), ("", "Hi"), ("", "just output")]
+    assert r.items == [t for i, t in enumerate(items) if i != 4]
     assert [d.rule for d in r.dropped] == ["malformed_item"]
 
 
-def test_input_first_merged_and_truncated():
-    text = "Input: a\nOutput: b\nInput: c\nOutput: d\n\nExample 2\nInput: e\nOutput: f\n\nExample 3\nInput: g\nOut"
-    r = parse_input_first(text, truncated=True)
-    assert r.items == [("e", "f")]
-    assert sorted(d.rule for d in r.dropped) == ["merged_item", "truncated"]
+def test_ten_alpaca_items_one_malformed_keeps_nine():
+    blocks = [f"{i}. Instruction: Do task {i} now.\n{i}. Input:\n<noinput>\n{i}. Output:\nDone {i}."
+              for i in range(4, 14)]
+    blocks[3] = "7. Instruction: Missing its output.\n7. Input:\nx"
+    text = "\n###\n".join(blocks).removeprefix("4. Instruction:")
+    r = parse_alpaca(text, truncated=False)
+    assert len(r.items) == 9 and [d.rule for d in r.dropped] == ["malformed_item"]
 
 
-def test_output_first():
-    text = " Positive\nInput: Loved it.\nClass label: Negative\nInput: Broken on arrival.\nClass label: Neutral\n"
-    r = parse_output_first(text, truncated=False)
-    assert r.items == [("Loved it.", "Positive"), ("Broken on arrival.", "Negative")]
-    assert [d.rule for d in r.dropped] == ["malformed_item"]
+def test_ten_json_items_one_malformed_keeps_nine():
+    import json
+    items = [{"instruction": f"Do task {i} now.", "input": "", "output": f"Done {i}."} for i in range(10)]
+    items[6] = {"instruction": ["not", "a", "string"], "output": "x"}
+    r = parse_json_items(json.dumps(items), required=("instruction", "output"))
+    assert len(r.items) == 9 and [d.rule for d in r.dropped] == ["malformed_item"]
 
 
-def test_alpaca_blocks():
-    text = (" Give a tip.\n4. Input:\n<noinput>\n4. Output:\nDrink water.\n###\n5. Instruction: Add numbers.\n5. Input:\n"
-            "1, 2\n5. Output:\n3\n5. Instruction: merged\n###\n6. Instruction: no output here\n###\n7. Instruction: Cut")
-    r = parse_alpaca(text, truncated=True)
-    assert [(i.instruction, i.input, i.output) for i in r.items] == [("Give a tip.", "", "Drink water.")]
-    assert sorted(d.rule for d in r.dropped) == ["malformed_item", "merged_item", "truncated"]
-
-
-@pytest.mark.parametrize("text", [
-    '```json\n[{"instruction": "Name a color.", "input": "", "output": "Blue"}]\n```',
-    'Here you go:\n[{"instruction": "Name a color.", "input": "N/A", "output": "Blue"}]\nLet me know if you need more!',
-    '{"tasks": [{"instruction": "Name a color.", "output": "Blue"}]}',
-])
-def test_json_wrapped_and_trailing_prose(text):
-    r = parse_json_items(text)
-    assert [(i.instruction, i.input, i.output) for i in r.items] == [("Name a color.", "", "Blue")]
-
-
-def test_json_bad_item_drops_only_itself_and_no_json_falls_back():
-    r = parse_json_items('[{"instruction": "Ok task here."}, {"input": "no instruction"}, "A plain string task."]')
-    assert [i.instruction for i in r.items] == ["Ok task here.", "A plain string task."]
-    assert len(r.dropped) == 1
-    assert parse_json_items("1. not json at all") is None
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40), max_size=8),
+       st.booleans())
+def test_list_parser_never_invents_or_loses_text(words, truncated):
+    """Whatever the model writes, every kept item is text from the completion, never re-cased."""
+    completion = " " + "\n".join(f"{i + 9}. {w}" if i else w for i, w in enumerate(words))
+    r = parse_instruction_list(completion, truncated)
+    flat = " ".join(completion.split())
+    for item in r.items:
+        assert item and item in flat
 
 
 def test_yes_no():
     assert parse_yes_no(" Yes\n") is True and parse_yes_no("no.") is False and parse_yes_no("Maybe") is None
+    assert parse_yes_no(" **Yes**") is True

@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.models.base import Completion, GenParams, Message, ModelRequest
 from pipeline.records import Instance, Provenance, Task
@@ -59,18 +59,18 @@ class Options(BaseModel):
 
     model: str
     mode: Literal["self_instruct", "alpaca"] = "self_instruct"
-    target: int = 100
-    max_requests: int = 1000
-    batch_size: int = 8  # requests per round
-    num_prompt_instructions: int = 8
-    num_machine_examples: int = 2
+    target: int = Field(100, ge=1)  # instructions that pass the online filters
+    max_requests: int = Field(1000, ge=1)  # bootstrap (or alpaca) requests at most
+    batch_size: int = Field(8, ge=1)  # requests per round
+    num_prompt_instructions: int = Field(8, ge=1)  # in-context instructions per bootstrap prompt
+    num_machine_examples: int = Field(2, ge=0)  # of them from the machine pool once it holds this many
     bootstrap_style: Literal["completion", "chat"] = "completion"
     first_line_only: bool = False  # keep only the first line of each item (for small models)
     classify: bool = True  # false: every new task is treated as non-classification
     classify_examples: int = 12
     instances_style: Literal["input_first", "answer"] = "input_first"
     instance_examples: int = 2
-    max_instances: int = 5
+    max_instances: int = Field(5, ge=1)
     alpaca_style: Literal["completion", "chat"] = "completion"
     alpaca_examples: int = 3
     alpaca_num_tasks: int = 20
@@ -83,7 +83,13 @@ class Options(BaseModel):
         temperature=0.0, max_tokens=300, presence_penalty=1.5, stop=["\nTask:"]))
     alpaca_params: GenParams = Field(default_factory=lambda: _params(temperature=1.0, top_p=1.0, max_tokens=3072))
     instruction_rules: InstructionRules = Field(default_factory=InstructionRules)
-    rouge_threshold: float = 0.7
+    rouge_threshold: float = Field(0.7, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _examples_fit(self) -> Options:
+        if self.num_machine_examples >= self.num_prompt_instructions:
+            raise ValueError("num_machine_examples must be smaller than num_prompt_instructions")
+        return self
 
 
 def _used_templates(o: Options) -> list[str]:
@@ -228,11 +234,12 @@ def _bootstrap(g: _Gen) -> None:
             if not isinstance(res, Completion):
                 continue
             text, truncated = res.texts[0], res.finish_reasons[0] == "length"
-            parsed = parsing.parse_json_items(text) if o.bootstrap_style == "chat" else None
+            chat = o.bootstrap_style == "chat"
+            parsed = parsing.parse_json_items(text, truncated) if chat else None
             if parsed is not None:
                 items = [it.instruction for it in parsed.items]
-            else:
-                parsed = parsing.parse_instruction_list(text, truncated, o.first_line_only)
+            else:  # a base model's continuation, or a chat answer that is not JSON
+                parsed = parsing.parse_instruction_list(text, truncated, o.first_line_only, leading_item=not chat)
                 items = parsed.items
             g.reject_dropped(parsed, prov)
             for instruction in items:
@@ -258,11 +265,18 @@ def _classify(g: _Gen) -> None:
         rng.shuffle(ex)
         text = render(o.templates.classify, examples=_example_dicts(ex), instruction=t.instruction)
         reqs.append(g.request(text, o.classify_params, False, tag=f"classify:{t.id}"))
+    kept = []
     for t, res in zip(g.kept, g.call("classify", reqs)):
-        answer = parsing.parse_yes_no(res.texts[0]) if isinstance(res, Completion) else None
+        if not isinstance(res, Completion):  # never guess a label: the task waits for the next run
+            g.ctx.reject(t, "classify_request_failed", "the classification request failed; retried on the next run")
+            continue
+        answer = parsing.parse_yes_no(res.texts[0])
         t.is_classification = bool(answer)
         if answer is None:
             t.meta["classify_unparsed"] = True
+            g.m["classify_unparsed"] = g.m.get("classify_unparsed", 0) + 1
+        kept.append(t)
+    g.kept = kept
 
 
 def _instances(g: _Gen) -> None:
@@ -289,14 +303,13 @@ def _instances(g: _Gen) -> None:
             continue
         text, truncated = res.texts[0], res.finish_reasons[0] == "length"
         if o.instances_style == "answer":
-            parsed = parsing.Parsed(items=[("", text.strip())] if text.strip() and not truncated else [])
-            if truncated:
-                parsed.dropped.append(parsing.Dropped(text, "truncated", "the answer hit the length limit"))
+            parsed = parsing.parse_answer(text, truncated)
         elif t.is_classification:
             parsed = parsing.parse_output_first(text, truncated, o.max_instances)
         else:
             parsed = parsing.parse_input_first(text, truncated, o.max_instances)
         t.instances = [Instance(input=i, output=out) for i, out in parsed.items]
+        g.m["instances_generated"] = g.m.get("instances_generated", 0) + len(t.instances)
         t.provenance.extra["instances_request_key"] = req.key(g.identity)
         t.provenance.extra["instances_template"] = tpl
         for dr in parsed.dropped:
@@ -336,9 +349,10 @@ def _alpaca(g: _Gen) -> None:
             if not isinstance(res, Completion):
                 continue
             text, truncated = res.texts[0], res.finish_reasons[0] == "length"
-            parsed = parsing.parse_json_items(text) if o.alpaca_style == "chat" else None
+            chat = o.alpaca_style == "chat"
+            parsed = parsing.parse_json_items(text, truncated, required=("instruction", "output")) if chat else None
             if parsed is None:
-                parsed = parsing.parse_alpaca(text, truncated)
+                parsed = parsing.parse_alpaca(text, truncated, chat=chat)
             g.reject_dropped(parsed, prov)
             for it in parsed.items:
                 g.consider(it.instruction, prov, [Instance(input=it.input, output=it.output)])
@@ -359,6 +373,8 @@ def run(ctx: StageContext) -> None:
             _classify(g)
             _instances(g)
         ctx.write_records(g.kept)
+        if g.o.mode == "alpaca":
+            ctx.stats.metrics["instances_generated"] = sum(len(t.instances) for t in g.kept)
         ctx.stats.metrics.update(tasks_out=len(g.kept), instances_out=sum(len(t.instances) for t in g.kept),
                                  classification=sum(1 for t in g.kept if t.is_classification))
     finally:
