@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None, table: dict[str, str] | None = None) -> 
     args = _parser().parse_args(argv)
     args.table = table or STAGES
     _setup_logging(args)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill ends like Ctrl-C
+    # Ctrl-C and a plain kill end the run cleanly, also where SIGINT was inherited as ignored
+    # (a job started in the background of a non-interactive shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from pipeline.run.runner import Interrupted, StageStopped
 
     handlers = {"run": cmd_run, "status": cmd_status, "validate": cmd_validate}
