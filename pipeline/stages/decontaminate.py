@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.stages.context import StageContext
 from pipeline.stages.seeds import Options as SeedOptions
@@ -21,10 +21,11 @@ from pipeline.text.rouge import NearDuplicateIndex, tokenize
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    eval_sets: list[str]
-    ngram: int | None = 13
-    rouge_threshold: float | None = 0.7
-    include_input: bool = True
+    # Self-Instruct JSONL (e.g. user_oriented_instructions.jsonl), seed_tasks.jsonl, Alpaca JSON/JSONL, ...
+    eval_sets: list[str] = Field(min_length=1)
+    ngram: int | None = Field(13, ge=1)  # a shared run of this many ROUGE tokens drops the record; None: off
+    rouge_threshold: float | None = Field(0.7, ge=0.0, le=1.0)  # instruction ROUGE-L F1 above this drops; None: off
+    include_input: bool = True  # n-grams over instruction + input (each instance), not the instruction alone
 
 
 def dependencies(options: Options) -> list[Path]:
@@ -72,9 +73,9 @@ def run(ctx: StageContext) -> None:
                     hit = ("decontam_ngram", f"shares the {o.ngram}-gram '{' '.join(common)}' with {grams[common]}")
                     break
         if hit is None and o.rouge_threshold is not None:
-            score, ref = index.query(task.instruction)
-            if score > o.rouge_threshold:
-                hit = ("decontam_rouge", f"ROUGE-L {score:.3f} with {ref}")
+            d = index.check(task.instruction)
+            if not d.kept:
+                hit = ("decontam_rouge", f"ROUGE-L {d.score:.3f} > {o.rouge_threshold} with {d.nearest}")
         if hit:
             ctx.reject(task, *hit)
             continue

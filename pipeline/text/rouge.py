@@ -2,33 +2,42 @@
 
 ``tokenize`` and ``rouge_l_f1`` reproduce ``RougeScorer(["rougeL"], use_stemmer=False)``: lowercase, every
 character outside [a-z0-9] becomes a space, split; precision = LCS/|prediction|, recall = LCS/|target|,
-F1 = 2·p·r/(p+r), evaluated in the same floating-point order so that a threshold decision is identical.
-As in Self-Instruct/Alpaca, the candidate is the target and the kept instruction the prediction.
+F1 = 2·p·r/(p+r), evaluated with the same floating-point operations so that a threshold decision is the
+same bit for bit (F1 is symmetric in its arguments, also in floating point: 2·p is exact). As in
+Self-Instruct/Alpaca, the candidate is the target and the kept instruction the prediction.
 
 :class:`NearDuplicateIndex` makes the originals' greedy decisions (reject a candidate whose F1 with any kept
 instruction exceeds the threshold; a kept candidate joins the pool at once) with rapidfuzz's C++ LCS,
-scoring only the pairs whose token overlap could reach the best score (see the class).
+scoring only the pairs whose token overlap could exceed the threshold (see the class).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from operator import attrgetter
 from dataclasses import dataclass
 
 import numpy as np
 from rapidfuzz import process
-from rapidfuzz.distance import LCSseq
+from rapidfuzz.distance import Indel, LCSseq
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
-_SPACES = re.compile(r"\s+")
-_VALID = re.compile(r"^[a-z0-9]+$")
-SMALL = 32  # probed postings up to this size are counted in plain Python
+SMALL = 48  # probed postings up to this total size are counted in plain Python
+FEW = 6  # up to this many items are scored one by one (cheaper than a batched call)
+SLACK = 1e-6  # every bound is loosened by this much, far above floating-point error
+_UNSEEN = " "  # the LCS code of a token no kept item has (it matches nothing in the pool)
+_MAX_CODE = 0x10FFFF
 
 
 def tokenize(text: str) -> list[str]:
-    text = _NON_ALNUM.sub(" ", text.lower())
-    return [t for t in _SPACES.split(text) if _VALID.match(t)]
+    """rouge_score's default tokenizer without stemming.
+
+    rouge_score lowercases, replaces runs of characters outside [a-z0-9] by a space, splits on whitespace and
+    keeps the tokens matching ``^[a-z0-9]+$``; after the substitution only [a-z0-9] and spaces remain, so a
+    plain ``split()`` yields exactly those tokens.
+    """
+    return _NON_ALNUM.sub(" ", text.lower()).split()
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
@@ -36,7 +45,7 @@ def lcs_length(a: list[str], b: list[str]) -> int:
 
 
 def f1_from_lcs(lcs: int, target_len: int, prediction_len: int) -> float:
-    """rouge_score's F1 with the same floating-point operations."""
+    """rouge_score's F1 (``_score_lcs`` + ``scoring.fmeasure``) with the same floating-point operations."""
     if not target_len or not prediction_len:
         return 0.0
     precision = lcs / prediction_len
@@ -46,8 +55,9 @@ def f1_from_lcs(lcs: int, target_len: int, prediction_len: int) -> float:
     return 0.0
 
 
-def rouge_l_f1(target: list[str], prediction: list[str]) -> float:
-    return f1_from_lcs(lcs_length(target, prediction), len(target), len(prediction))
+def rouge_l_f1(a: list[str], b: list[str]) -> float:
+    """``RougeScorer(["rougeL"]).score(target, prediction)["rougeL"].fmeasure`` on token lists (a = target)."""
+    return f1_from_lcs(lcs_length(a, b), len(a), len(b))
 
 
 def rouge_l(a: str, b: str) -> float:
@@ -57,7 +67,7 @@ def rouge_l(a: str, b: str) -> float:
 @dataclass
 class Decision:
     kept: bool
-    score: float  # best ROUGE-L F1 against the kept pool (0.0 when empty)
+    score: float  # best ROUGE-L F1 against the kept pool (0.0 when nothing is shared)
     nearest: str | None  # key of that kept item
 
 
@@ -80,174 +90,214 @@ class _Growing:
         return self.data[: self.size]
 
 
-def _f1_array(lcs: np.ndarray, la: int, lb: np.ndarray) -> np.ndarray:
-    """f1_from_lcs over arrays, with the same floating-point operations (lcs >= 1 here)."""
-    p = lcs / lb
-    r = lcs / la
-    return 2 * p * r / (p + r)
+_size = attrgetter("size")
+
+
+Code = str | list[int]  # a token list as rapidfuzz compares it: one character (or int) per token
+
+
+class TokenCodes:
+    """Maps tokens to single characters so that rapidfuzz's bit-parallel C++ LCS compares token lists.
+
+    Codes start at U+0100 and skip the surrogates; past U+10FFFF (a million distinct tokens) a token's code is a
+    plain int and a text holding one is encoded as a list of ints — rapidfuzz compares a character and an int
+    by value, so both forms mix.
+    """
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, str | int] = {}
+
+    def _new(self, token: str) -> str | int:
+        code = len(self.vocab) + 0x100
+        if code >= 0xD800:  # skip the surrogate range
+            code += 0x800
+        c = self.vocab[token] = chr(code) if code <= _MAX_CODE else code
+        return c
+
+    def encode(self, tokens: list[str], assign: bool) -> tuple[Code, list[str | int]]:
+        """The code of a token list and one code per token. Without ``assign``, a token never assigned gets
+        ``_UNSEEN`` (which matches no assigned code)."""
+        vocab = self.vocab
+        if assign:
+            chars = [vocab.get(t) or self._new(t) for t in tokens]
+        else:
+            chars = [vocab.get(t, _UNSEEN) for t in tokens]
+        try:
+            return "".join(chars), chars  # type: ignore[arg-type]
+        except TypeError:  # an int code: encode as a list of ints
+            return [c if isinstance(c, int) else ord(c) for c in chars], chars
 
 
 class NearDuplicateIndex:
-    """Greedy ROUGE-L near-duplicate index.
+    """Greedy ROUGE-L near-duplicate index with the originals' decisions, item for item.
 
-    An inverted index over token occurrences ("the#1", "the#2", ...) gives, for every kept item that shares a
-    token with the candidate, the size of their multiset overlap — an upper bound of their LCS. Items are
-    scored exactly (rapidfuzz's LCS, batched) in decreasing order of the F1 bound that overlap allows, and the
-    search stops as soon as no remaining bound can beat the best score found: the best score and the nearest
-    item are exact, and most pairs are never scored. Items sharing no token score 0.
+    Tokens are mapped to single characters (:class:`TokenCodes`) so that rapidfuzz's C++ LCS compares them.
+    An inverted index maps each token *occurrence* ("the" #1, "the" #2, ...) to the kept items holding it, so
+    the number of lists an item appears in is its multiset overlap with the candidate — an upper bound of the
+    LCS. F1 > t needs LCS >= k = ⌊t·|a|/(2−t)⌋ + 1 (F1 ≤ 2·LCS/(|a|+LCS)), so such an item appears in at least
+    one of the candidate's |a|−k+1 rarest occurrence lists (prefix filtering), and, reading m more lists, in at
+    least m+1 of them (count filter). Only those items are scored, with a cut-off; every bound is loosened by
+    ``SLACK`` and the survivors are scored with rouge_score's own float arithmetic, so the decision is the one
+    rouge_score's ``fmeasure > threshold`` makes.
     """
+
+    count_extra = 2  # lists read beyond the prefix (count filter)
 
     def __init__(self, threshold: float = 0.7, chunk: int = 64):
         self.threshold = threshold
         self.chunk = chunk
-        self._vocab: dict[str, int] = {}
-        self._postings: dict[str, _Growing] = {}
-        self._codes: list[str] = []
+        self._coder = TokenCodes()
+        self._postings: dict[object, _Growing] = {}
+        self._codes: list[Code] = []
         self._keys: list[str] = []
         self._lens = _Growing()
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _encode(self, tokens: list[str]) -> str:
-        vocab = self._vocab
-        out = []
-        for t in tokens:
-            code = vocab.get(t)
-            if code is None:
-                code = len(vocab) + 0x100
-                if code >= 0xD800:  # skip the surrogate range
-                    code += 0x800
-                vocab[t] = code
-            out.append(chr(code))
-        return "".join(out)
+    # ---- encoding -------------------------------------------------------------------------------------
+    def _encode(self, tokens: list[str], assign: bool) -> tuple[Code, list[object]]:
+        """The LCS code and the occurrence keys (a token's n-th occurrence: its code, or (code, n)); a token
+        no kept item holds gets no key."""
+        code, chars = self._coder.encode(tokens, assign)
+        if len(set(chars)) == len(chars):  # the common case: no repeated token
+            occ: list[object] = list(chars) if assign else [c for c in chars if c != _UNSEEN]
+        else:
+            occ = []
+            seen: dict[object, int] = {}
+            for c in chars:
+                if c == _UNSEEN:
+                    continue
+                n = seen.get(c, 0)
+                seen[c] = n + 1
+                occ.append((c, n) if n else c)
+        return code, occ
 
-    @staticmethod
-    def _occurrences(tokens: list[str]) -> list[str]:
-        seen: dict[str, int] = {}
-        out = []
-        for t in tokens:
-            n = seen.get(t, 0) + 1
-            seen[t] = n
-            out.append(f"{t}#{n}")
-        return out
-
+    # ---- adding -------------------------------------------------------------------------------------
     def add(self, text: str, key: str) -> None:
+        """Add unconditionally (e.g. a seed)."""
         self._add_tokens(tokenize(text), key)
 
     def _add_tokens(self, tokens: list[str], key: str) -> None:
         idx = len(self._keys)
+        code, occ = self._encode(tokens, assign=True)
         self._keys.append(key)
-        self._codes.append(self._encode(tokens))
+        self._codes.append(code)
         self._lens.append(len(tokens))
-        for occ in self._occurrences(tokens):
-            posting = self._postings.get(occ)
-            if posting is None:
-                posting = self._postings[occ] = _Growing()
-            posting.append(idx)
+        postings = self._postings
+        for o in occ:
+            p = postings.get(o)
+            if p is None:
+                p = postings[o] = _Growing()
+            p.append(idx)
 
-    def _best(self, tokens: list[str]) -> tuple[float, str | None]:
-        la = len(tokens)
-        if la == 0 or not self._keys:
-            return 0.0, None
-        lists = [p.view() for p in (self._postings.get(o) for o in self._occurrences(tokens)) if p is not None]
-        if not lists:
-            return 0.0, None
-        counts = np.bincount(np.concatenate(lists), minlength=len(self._keys))
-        items = np.flatnonzero(counts)
-        lb = self._lens.view()[items]
-        bound = _f1_array(np.minimum(counts[items], np.minimum(lb, la)), la, lb)
-        code = self._encode(tokens)
-        best, best_key = 0.0, None
-        # Score the most promising items first, then only those whose bound still beats the best score.
-        k = min(self.chunk, len(items))
-        first = np.argpartition(-bound, k - 1)[:k] if k < len(items) else np.arange(len(items))
-        rest = None
-        while True:
-            batch = first if rest is None else rest[: self.chunk]
-            order = batch[np.argsort(-bound[batch], kind="stable")]
-            ids = items[order]
-            lcs = process.cdist([code], [self._codes[i] for i in ids], scorer=LCSseq.similarity,
-                                dtype=np.int32, workers=1)[0]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                f = np.where(lcs > 0, _f1_array(lcs, la, lb[order]), 0.0)
-            j = int(np.argmax(f))
-            if f[j] > best:
-                best, best_key = float(f[j]), self._keys[int(ids[j])]
-            if rest is None:
-                mask = bound > best
-                mask[first] = False
-                rest = np.flatnonzero(mask)
-                rest = rest[np.argsort(-bound[rest], kind="stable")]
-            else:
-                rest = rest[self.chunk:]
-                rest = rest[bound[rest] > best]
-            if not len(rest):
-                return best, best_key
-
+    # ---- scoring ------------------------------------------------------------------------------------
     def _min_overlap(self, la: int) -> int:
-        """The least multiset overlap (>= LCS) a kept item needs for F1 > threshold (a little inclusive)."""
+        """The least multiset overlap (>= LCS) a kept item needs for F1 > threshold (slightly inclusive)."""
         t = self.threshold
-        return max(1, math.floor(t * la / (2 - t) - 1e-6) + 1)
+        if t >= 2:
+            return la + 1
+        return max(1, math.floor(t * la / (2 - t) - SLACK) + 1)
+
+    def _score_ids(self, code: Code, la: int, ids: list[int], cutoff: float) -> tuple[float, int]:
+        """Best exact F1 among ``ids`` (ascending) and its item (the first reaching it; -1 when none scores),
+        skipping items whose 2·LCS/(la+lb) is below ``cutoff``."""
+        codes, lens = self._codes, self._lens.data
+        if len(ids) > FEW:
+            hits = process.extract(code, [codes[i] for i in ids], scorer=Indel.normalized_similarity,
+                                   processor=None, score_cutoff=max(0.0, cutoff), limit=None)
+            ids = sorted(ids[h[2]] for h in hits)
+        best, best_i = 0.0, -1
+        for i in ids:
+            f = f1_from_lcs(int(LCSseq.similarity(code, codes[i])), la, int(lens[i]))
+            if f > best:
+                best, best_i = f, i
+        return best, best_i
 
     def _best_above_threshold(self, tokens: list[str]) -> tuple[float, str | None]:
-        """Exact best score among the items that could exceed the threshold (prefix filtering).
-
-        An item with F1 > threshold shares at least k tokens with the candidate, so it appears in the posting
-        list of at least one of the candidate's (la - k + 1) rarest token occurrences: only those lists are
-        read, and only items of a feasible length are scored.
-        """
+        """The exact best score and item whenever some kept item exceeds the threshold; otherwise a score
+        at most the threshold (the best among the items that could have come close, or 0.0)."""
         la = len(tokens)
         if la == 0 or not self._keys:
             return 0.0, None
-        occ = [p for p in (self._postings.get(o) for o in self._occurrences(tokens)) if p is not None]
-        probe = la - self._min_overlap(la) + 1
-        if len(occ) < la - probe + 1:  # fewer shared occurrences than the least overlap: nothing can exceed
+        code, occ = self._encode(tokens, assign=False)
+        k = self._min_overlap(la)
+        postings = self._postings
+        lists = [p for p in map(postings.get, occ) if p is not None]
+        if len(lists) < k:  # fewer shared occurrences than the least overlap: nothing can exceed
             return 0.0, None
-        occ.sort(key=lambda p: p.size)
-        # Reading m more lists than the prefix needs, an item that can exceed the threshold appears in at
-        # least m + 1 of them: a count filter that drops most items sharing only a word or two.
-        extra = min(2, len(occ) - probe)
-        lists = occ[:probe + extra]
-        if sum(p.size for p in lists) <= SMALL:  # the common case: plain Python beats numpy's call overhead
+        probe = la - k + 1
+        lists.sort(key=_size)
+        # Reading ``extra`` more lists than the prefix needs, an item that can exceed the threshold appears in
+        # at least extra + 1 of them (a missing occurrence only helps): most items sharing a word or two drop.
+        extra = max(0, min(self.count_extra, len(lists) - probe))
+        lists = lists[: probe + extra]
+        if sum(map(_size, lists)) <= SMALL:  # the common case on a diverse pool: plain Python wins
             counts: dict[int, int] = {}
             for p in lists:
                 for i in p.data[: p.size].tolist():
                     counts[i] = counts.get(i, 0) + 1
-            lens = self._lens.data
-            floor = self.threshold - 1e-9
-            ids = [i for i, c in counts.items() if c > extra and f1_from_lcs(min(int(lens[i]), la), la, int(lens[i])) > floor]
-            if not ids:
-                return 0.0, None
-            code = self._encode(tokens)
-            best, best_key = 0.0, None
-            for i in ids:
-                f = f1_from_lcs(int(LCSseq.similarity(code, self._codes[i])), la, int(lens[i]))
-                if f > best:
-                    best, best_key = f, self._keys[i]
-            return best, best_key
-        counts_arr = np.bincount(np.concatenate([p.view() for p in lists]))
-        ids_arr = np.flatnonzero(counts_arr > extra)
-        lb = self._lens.view()[ids_arr]
-        feasible = _f1_array(np.minimum(lb, la), la, lb) > self.threshold - 1e-9
-        ids_arr, lb = ids_arr[feasible], lb[feasible]
-        if not len(ids_arr):
+            ids = [i for i, c in counts.items() if c > extra]
+            ids.sort()
+        else:
+            counts_arr = np.bincount(np.concatenate([p.data[: p.size] for p in lists]))
+            ids_arr = np.flatnonzero(counts_arr > extra)
+            if len(ids_arr) > 4 * FEW:
+                # Count and length filter: LCS ≤ min(count + unread occurrences, la, lb), F1 = 2·LCS/(la + lb).
+                lb = self._lens.data[ids_arr]
+                ub = np.minimum(np.minimum(counts_arr[ids_arr] + (la - len(lists)), lb), la)
+                ids_arr = ids_arr[2 * ub > (self.threshold - SLACK) * (la + lb)]
+            ids = ids_arr.tolist()
+        if not ids:
             return 0.0, None
-        codes = [self._codes[i] for i in ids_arr.tolist()]
-        lcs = process.cdist([self._encode(tokens)], codes, scorer=LCSseq.similarity, dtype=np.int32, workers=1)[0]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f = np.where(lcs > 0, _f1_array(lcs, la, lb), 0.0)
-        j = int(np.argmax(f))
-        return (float(f[j]), self._keys[int(ids_arr[j])]) if f[j] > 0 else (0.0, None)
+        best, i = self._score_ids(code, la, ids, self.threshold - SLACK)
+        return best, (self._keys[i] if i >= 0 else None)
+
+    def _best(self, tokens: list[str]) -> tuple[float, str | None]:
+        """The exact best score against the whole pool and the first item reaching it."""
+        la = len(tokens)
+        if la == 0 or not self._keys:
+            return 0.0, None
+        code, occ = self._encode(tokens, assign=False)
+        lists = [p.view() for p in (self._postings.get(o) for o in occ) if p is not None]
+        if not lists:
+            return 0.0, None
+        counts = np.bincount(np.concatenate(lists))
+        items = np.flatnonzero(counts)
+        lb = self._lens.data[items]
+        bound = 2 * np.minimum(counts[items], np.minimum(lb, la)) / (la + lb) + SLACK
+        order = np.argsort(-bound, kind="stable")
+        best, best_i = 0.0, -1
+        pos = 0
+        # Score items in decreasing order of their overlap bound until no remaining bound beats the best.
+        while pos < len(order) and bound[order[pos]] > best:
+            end = pos + self.chunk
+            while end < len(order) and bound[order[end]] > best and end - pos < 16 * self.chunk:
+                end += self.chunk
+            batch = order[pos:end]
+            batch = batch[bound[batch] >= best]
+            f, i = self._score_ids(code, la, np.sort(items[batch]).tolist(), best - SLACK)
+            if f > best or (f == best and 0 <= i < best_i):
+                best, best_i = f, i
+            pos = end
+        return best, (self._keys[best_i] if best_i >= 0 else None)
 
     def query(self, text: str) -> tuple[float, str | None]:
         """Best ROUGE-L F1 of ``text`` against the whole kept pool, and that item's key (exact)."""
         return self._best(tokenize(text))
 
+    def check(self, text: str) -> Decision:
+        """The greedy decision without adding (``kept``: nothing exceeds the threshold); fast like
+        ``check_and_add``: score and nearest are exact when ``kept`` is False."""
+        score, nearest = self._best_above_threshold(tokenize(text))
+        return Decision(score <= self.threshold, score, nearest)
+
     def check_and_add(self, text: str, key: str, exact_nearest: bool = False) -> Decision:
-        """The originals' greedy decision. ``score``/``nearest`` are exact whenever the score exceeds the
-        threshold (every rejection); for a kept record they are the best among the items that could have come
-        close, unless ``exact_nearest`` asks for a search of the whole pool."""
+        """The originals' greedy decision: reject when the best F1 exceeds the threshold, else add.
+
+        ``score``/``nearest`` are exact for every rejection; for a kept record they are the best among the
+        items that could have come close (0.0/None when none could), unless ``exact_nearest`` asks for a
+        search of the whole pool (slower: it reads every shared token's list)."""
         tokens = tokenize(text)
         score, nearest = self._best_above_threshold(tokens)
         if score > self.threshold:

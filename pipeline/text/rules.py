@@ -28,7 +28,8 @@ URL_RE = re.compile(r"(https?://|www\.)\S+", re.I)
 ATTACHMENT_RE = re.compile(
     r"\b(attached|attachment|see the (image|picture|photo|file|link)|(the|this|following) (image|picture|photo|"
     r"screenshot|video|audio|pdf|file|document) (below|above|attached))\b|\.(png|jpe?g|gif|pdf|mp3|mp4|wav)\b", re.I)
-MERGED_RE = re.compile(r"(^|\n)\s*(\d+\s*[.)]\s*)?(###\s*)?(Instruction|Input|Output)\s*:", re.I)
+MERGED_RE = re.compile(r"(?:^|\n)\s*(?:\d+\s*[.)]\s*)?(?:###\s*)?(?:instruction|input|output)\s*:"
+                       r"|###\s*(?:instruction|input|output|response)\b", re.I)
 STOPWORDS = {"the", "a", "an", "and", "or", "of", "to", "in", "is", "are", "for", "on", "with", "that", "this", "it",
              "be", "as", "by", "your", "you", "what", "how", "from", "at", "which", "give", "write", "each", "given"}
 
@@ -55,6 +56,7 @@ class InstanceRules(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     empty_output: bool = True
+    placeholder_output: bool = True
     placeholder_outputs: list[str] = Field(default_factory=lambda: sorted(PLACEHOLDER_OUTPUTS - {""}))
     input_equals_output: bool = True
     trailing_colon: bool = True
@@ -75,6 +77,8 @@ def _blacklist_re(words: list[str]) -> re.Pattern | None:
 
 def check_instruction(text: str, rules: InstructionRules) -> RuleHit | None:
     stripped = text.strip()
+    if not stripped:
+        return RuleHit("too_short", "the instruction is empty")
     n = len(stripped.split())
     if n < rules.min_words:
         return RuleHit("too_short", f"{n} words (minimum {rules.min_words})")
@@ -95,7 +99,7 @@ def check_instruction(text: str, rules: InstructionRules) -> RuleHit | None:
 
 
 def normalize_empty_input(text: str) -> str:
-    """``<noinput>``, "No input", "N/A", ... mean an empty input."""
+    """``<noinput>``, "No input", "N/A", "(none)", "Noinput." ... mean an empty input: "" (others: stripped)."""
     return "" if text.strip().lower() in EMPTY_INPUT_MARKERS else text.strip()
 
 
@@ -119,7 +123,7 @@ def check_instance(instruction: str, instance: Instance, rules: InstanceRules, i
     low = out.lower()
     if rules.empty_output and not out:
         return RuleHit("empty_output", "the output is empty")
-    if low in {p.lower() for p in rules.placeholder_outputs}:
+    if rules.placeholder_output and out and low in {p.lower() for p in rules.placeholder_outputs}:
         return RuleHit("placeholder_output", f"the output is a placeholder ('{out}')")
     if rules.input_equals_output and inp and inp == out:
         return RuleHit("input_equals_output", "the input equals the output")

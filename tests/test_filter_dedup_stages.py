@@ -1,0 +1,247 @@
+"""The filter, dedup and decontaminate stages: by hand-built contexts, and through the runner on a data set
+with known defects (no generation stage: cleaning an existing file)."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from rouge_score import rouge_scorer
+
+from pipeline.records import Instance, Rejection, Task, read_jsonl, write_jsonl
+from pipeline.stages import decontaminate, dedup
+from pipeline.stages import filter as filter_stage
+from pipeline.stages.context import RECORDS_FILE, REJECTED_FILE, StageContext, StageInput
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFECTS = ROOT / "data" / "defects_sample.jsonl"
+SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def stage_dir(tmp_path: Path, name: str, tasks: list[Task]) -> StageInput:
+    folder = tmp_path / name
+    write_jsonl(folder / RECORDS_FILE, tasks)
+    return StageInput(name=name, kind=name, dir=folder)
+
+
+def run_stage(tmp_path: Path, module, options, inputs: list[StageInput], name: str | None = None):
+    name = name or module.__name__.rsplit(".", 1)[-1]
+    out = tmp_path / f"out_{name}"
+    out.mkdir()
+    ctx = StageContext(name=name, kind=name, options=options, seed=0, run_dir=tmp_path, out_dir=out,
+                       scratch_dir=tmp_path / "scratch", inputs=inputs, get_model=lambda n: None,
+                       log=logging.getLogger("test"), show_progress=False)
+    module.run(ctx)
+    ctx.close()
+    kept = list(read_jsonl(out / RECORDS_FILE, Task))
+    rejected = list(read_jsonl(out / REJECTED_FILE, Rejection)) if (out / REJECTED_FILE).exists() else []
+    return kept, rejected, ctx.stats
+
+
+def task(tid: str, instruction: str, *instances: tuple[str, str], **kw) -> Task:
+    return Task(id=tid, instruction=instruction, instances=[Instance(input=i, output=o) for i, o in instances], **kw)
+
+
+def defect_records() -> list[dict]:
+    return [json.loads(line) for line in DEFECTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def record_id(rej: Rejection) -> str:
+    return rej.record.get("id") or rej.record["task_id"]
+
+
+# ---- filter ---------------------------------------------------------------------------------------------
+def test_filter_drops_exactly_the_defective_records(tmp_path):
+    recs = defect_records()
+    tasks = [Task.model_validate({k: v for k, v in r.items() if k != "expected_rule"}) for r in recs]
+    inputs = [stage_dir(tmp_path, "seeds", tasks)]
+    kept, rejected, stats = run_stage(tmp_path, filter_stage, filter_stage.Options(), inputs)
+    good = {r["id"] for r in recs if "expected_rule" not in r}
+    bad = {r["id"]: r["expected_rule"] for r in recs if "expected_rule" in r}
+    assert {t.id for t in kept} == good and len(bad) >= 20
+    assert {record_id(r) for r in rejected} == set(bad)
+    for tid, rule in bad.items():  # each defective record is dropped by the rule it was written for
+        assert rule in {r.rule for r in rejected if record_id(r) == tid}, tid
+    d = stats.as_dict()
+    assert sum(d["rejected"].values()) == d["rejected_total"] == len(rejected)
+    assert d["rows_in"] == len(recs) and d["rows_out"] == len(good)
+    assert d["metrics"]["instances_out"] == sum(len(t.instances) for t in kept) == len(good)
+    assert d["metrics"]["instances_in"] == sum(len(r["instances"]) for r in recs)
+    assert all(t.instances[0].input == "" for t in kept if t.id.startswith("ok_noinput"))
+
+
+def test_filter_drops_single_instances_and_reports_each(tmp_path):
+    tasks = [
+        task("mixed", "Translate the word into French.", ("cat", "chat"), ("dog", "N/A"), ("cat", "chat"),
+             ("house", "maison")),
+        task("many", "Give the square of the number.", *[(str(i), str(i * i)) for i in range(2, 9)]),
+        task("instruction_only", "Suggest a name for a new bakery."),
+        task("instruction_only_bad", "Draw a cat."),
+        task("conflict", "Give the capital of the country.", ("France", "Paris"), ("France", "Lyon")),
+    ]
+    inputs = [stage_dir(tmp_path, "in", tasks)]
+    kept, rejected, stats = run_stage(tmp_path, filter_stage, filter_stage.Options(), inputs)
+    by_id = {t.id: t for t in kept}
+    assert [(i.input, i.output) for i in by_id["mixed"].instances] == [("cat", "chat"), ("house", "maison")]
+    assert len(by_id["many"].instances) == 5
+    assert "instruction_only" in by_id and "instruction_only_bad" not in by_id and "conflict" not in by_id
+    rules = [(record_id(r), r.rule) for r in rejected]
+    assert ("mixed", "placeholder_output") in rules and ("mixed", "duplicate_instance") in rules
+    assert rules.count(("many", "max_instances")) == 2
+    assert ("conflict", "conflicting_instances") in rules
+    inst = next(r for r in rejected if r.rule == "placeholder_output")
+    assert inst.record["instance"] == 1 and inst.record["input"] == "dog"
+    assert sum(stats.rejected.values()) == len(rejected)
+    assert stats.metrics == {"instances_in": 13, "instances_out": 7}
+
+
+def test_filter_options_turn_rules_off(tmp_path):
+    tasks = [task("t", "Draw a cat.", ("", "N/A"))]
+    opts = filter_stage.Options.model_validate({"instruction_rules": {"min_words": 1, "blacklist": []},
+                                                "instance_rules": {"placeholder_output": False}})
+    kept, rejected, _ = run_stage(tmp_path, filter_stage, opts, [stage_dir(tmp_path, "in", tasks)])
+    assert [t.id for t in kept] == ["t"] and not rejected
+    with pytest.raises(ValueError):
+        filter_stage.Options.model_validate({"instruction_rules": {"no_such_rule": True}})
+
+
+# ---- dedup ----------------------------------------------------------------------------------------------
+SEEDS = [task("seed_0", "Write a poem about the sea.", ("", "Waves.")),
+         task("seed_1", "List three fruits that are red.", ("", "Apple, cherry, strawberry."))]
+GENERATED = [
+    task("g0", "Write a short poem about the sea.", ("", "x")),  # near-duplicate of seed_0
+    task("g1", "Explain how a rainbow forms.", ("", "x")),
+    task("g2", "explain  how a RAINBOW forms.", ("", "y")),  # exact duplicate of g1 once normalised
+    task("g3", "Explain how a rainbow forms in the sky.", ("", "x")),  # near-duplicate of g1
+    task("g4", "Give two tips for better sleep.", ("", "x")),
+    task("g5", "Classify the sentence as positive or negative.", ("I loved it", "positive")),
+    task("g6", "Classify the sentence as positive or negative.", ("I hated it", "negative")),
+]
+
+
+def brute_best(text: str, pool: list[Task]) -> tuple[float, str | None]:
+    best, key = 0.0, None
+    for t in pool:
+        f = SCORER.score(text, t.instruction)["rougeL"].fmeasure
+        if f > best:
+            best, key = f, t.id
+    return best, key
+
+
+@pytest.mark.parametrize("mode", ["exact", "minhash"])
+def test_dedup_exact_and_near_duplicates_against_seeds(tmp_path, mode):
+    inputs = [stage_dir(tmp_path, "seeds", SEEDS), stage_dir(tmp_path, "generate", GENERATED)]
+    kept, rejected, stats = run_stage(tmp_path, dedup, dedup.Options(mode=mode), inputs)
+    assert [t.id for t in kept] == ["g1", "g4", "g5"]
+    rules = {record_id(r): r.rule for r in rejected}
+    assert rules == {"g0": "rouge_near_duplicate", "g2": "exact_duplicate", "g3": "rouge_near_duplicate",
+                     "g6": "rouge_near_duplicate"}
+    near = {record_id(r): r for r in rejected if r.rule == "rouge_near_duplicate"}
+    assert near["g0"].record["meta"]["rouge_nearest"] == "seed_0" and "seed_0" in near["g0"].reason
+    assert near["g3"].record["meta"]["rouge_nearest"] == "g1"
+    # every record carries its nearest kept instruction and the exact score (exact mode: also kept ones)
+    pool = list(SEEDS)
+    for t in kept:
+        score, key = brute_best(t.instruction, pool)
+        if mode == "exact":
+            assert t.meta["rouge_score"] == round(score, 6) and t.meta["rouge_nearest"] == key
+        else:
+            assert t.meta["rouge_score"] <= round(score, 6)
+        pool.append(t)
+    assert stats.rows_in == len(GENERATED) and sum(stats.rejected.values()) == len(rejected)
+    assert stats.metrics["pool_seeds"] == 2
+
+
+def test_dedup_without_seeds_and_on_instruction_input(tmp_path):
+    inputs = [stage_dir(tmp_path, "seeds", SEEDS), stage_dir(tmp_path, "generate", GENERATED)]
+    kept, _, _ = run_stage(tmp_path, dedup, dedup.Options(against_seeds=False), inputs)
+    assert [t.id for t in kept] == ["g0", "g1", "g4", "g5"]  # g0 is new without seeds
+    same_instruction = [task("a", "Summarize the article in one sentence.", ("The city council voted on a new park "
+                                                                            "budget after a long debate.", "x")),
+                        task("b", "Summarize the article in one sentence.", ("Scientists found water ice in a "
+                                                                            "crater near the lunar south pole.", "y"))]
+    only = [stage_dir(tmp_path, "generate2", same_instruction)]
+    kept, _, _ = run_stage(tmp_path, dedup, dedup.Options(), only, name="d1")
+    assert [t.id for t in kept] == ["a"]
+    kept, _, _ = run_stage(tmp_path, dedup, dedup.Options(rouge_on="instruction_input"), only, name="d2")
+    assert [t.id for t in kept] == ["a", "b"]
+
+
+def test_dedup_cleans_a_seed_file_without_comparing_it_to_itself(tmp_path):
+    kept, rejected, _ = run_stage(tmp_path, dedup, dedup.Options(), [stage_dir(tmp_path, "seeds", GENERATED)])
+    assert [t.id for t in kept] == ["g0", "g1", "g4", "g5"]
+    assert {record_id(r) for r in rejected} == {"g2", "g3", "g6"}
+
+
+# ---- decontaminate --------------------------------------------------------------------------------------
+def write_eval_sets(tmp_path: Path) -> tuple[Path, Path]:
+    user = tmp_path / "user_oriented_instructions.jsonl"
+    user.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "user_oriented_task_0", "motivation_app": "Grammarly",
+         "instruction": "The sentence you are given might be too wordy, complicated, or unclear. Rewrite the sentence "
+                        "and make your writing clearer by keeping it concise.",
+         "instances": [{"input": "If you have any questions about my rate or if you find it necessary to increase "
+                                 "or decrease the scope for this project, please let me know.", "output": "..."}]},
+        {"id": "user_oriented_task_1", "motivation_app": "Netflix",
+         "instruction": "Recommend three movies for a rainy weekend.", "instances": [{"input": "", "output": "..."}]},
+    ]) + "\n", encoding="utf-8")
+    alpaca = tmp_path / "eval_alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Name the chemical symbol for gold.", "input": "", "output": "Au"}]),
+                      encoding="utf-8")
+    return user, alpaca
+
+
+def test_decontaminate_ngram_and_rouge(tmp_path):
+    user, alpaca = write_eval_sets(tmp_path)
+    tasks = [
+        task("ngram_hit", "Please fix this text.", ("If you have any questions about my rate or if you find it "
+                                                     "necessary to change things, call me.", "x")),
+        task("ngram_miss", "Please fix this text.", ("If you have any questions about my rate or if you find "
+                                                     "the price too high, call me.", "x")),
+        task("rouge_hit", "Recommend three movies for a rainy weekend evening.", ("", "x")),
+        task("rouge_hit_alpaca", "Name the chemical symbol of gold.", ("", "x")),
+        task("rouge_miss", "Recommend three books for a long train journey.", ("", "x")),
+    ]
+    opts = decontaminate.Options(eval_sets=[str(user), str(alpaca)])
+    kept, rejected, stats = run_stage(tmp_path, decontaminate, opts, [stage_dir(tmp_path, "dedup", tasks)])
+    assert [t.id for t in kept] == ["ngram_miss", "rouge_miss"]
+    rules = {record_id(r): r for r in rejected}
+    assert rules["ngram_hit"].rule == "decontam_ngram" and "user_oriented_task_0" in rules["ngram_hit"].reason
+    assert rules["rouge_hit"].rule == "decontam_rouge" and "user_oriented_task_1" in rules["rouge_hit"].reason
+    assert rules["rouge_hit_alpaca"].rule == "decontam_rouge" and "eval_alpaca.json" in rules["rouge_hit_alpaca"].reason
+    assert stats.metrics["eval_records"] == 3 and sum(stats.rejected.values()) == 3
+    # each check can be switched off
+    only_ngram = decontaminate.Options(eval_sets=[str(user), str(alpaca)], rouge_threshold=None)
+    kept, _, _ = run_stage(tmp_path, decontaminate, only_ngram, [stage_dir(tmp_path, "dedup", tasks)], name="d2")
+    assert [t.id for t in kept] == ["ngram_miss", "rouge_hit", "rouge_hit_alpaca", "rouge_miss"]
+
+
+def test_decontaminate_accepts_the_seed_format(tmp_path, shared_seeds):
+    seeds = [json.loads(line) for line in shared_seeds.read_text().splitlines() if line.strip()]
+    tasks = [task("copy", seeds[3]["instruction"], ("", "x")), task("new", "Summarize the plot of a novel you like.",
+                                                                     ("", "x"))]
+    opts = decontaminate.Options(eval_sets=[str(shared_seeds)])
+    kept, rejected, _ = run_stage(tmp_path, decontaminate, opts, [stage_dir(tmp_path, "in", tasks)])
+    assert [t.id for t in kept] == ["new"] and rejected[0].rule in ("decontam_ngram", "decontam_rouge")
+
+
+# ---- through the runner: cleaning an existing file, no generation stage --------------------------------
+def test_clean_a_file_through_the_runner(tmp_path):
+    from pipeline.cli import main
+
+    user, _ = write_eval_sets(tmp_path)
+    run = tmp_path / "run"
+    cfg = tmp_path / "clean.yaml"
+    cfg.write_text(f"name: clean\nrun_dir: {run}\nstages:\n  seeds: {{path: {DEFECTS}}}\n  filter: {{}}\n"
+                   f"  dedup: {{}}\n  decontaminate: {{eval_sets: [{user}]}}\n", encoding="utf-8")
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    recs = defect_records()
+    good = sorted(r["id"] for r in recs if "expected_rule" not in r)
+    assert sorted(json.loads(x)["id"] for x in (run / "filter" / RECORDS_FILE).read_text().splitlines()) == good
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    for name in ("filter", "dedup", "decontaminate"):
+        st = manifest[name]
+        lines = (run / name / REJECTED_FILE).read_text().splitlines() if (run / name / REJECTED_FILE).exists() else []
+        assert sum(st["rejected"].values()) == st["rejected_total"] == len(lines), name
+    assert manifest["filter"]["rejected_total"] > len(recs) - len(good)  # instance drops + the tasks they empty
+    assert manifest["dedup"]["rows_in"] == len(good)
