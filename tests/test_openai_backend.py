@@ -361,3 +361,60 @@ def test_budget_stop_through_the_journal_then_resume_sends_nothing_twice(tmp_pat
                 journal.close()
         assert results is not None and all(isinstance(r, Completion) for r in results)
         assert len(srv.log) == 40 and set(srv.counts().values()) == {1}
+
+
+def test_failed_requests_reach_rejected_manifest_and_status_then_a_rerun_completes(tmp_path):
+    """Over HTTP, through the CLI: requests that keep failing (HTTP 500) are failures with their reason in
+    rejected.jsonl, the manifest and `seedtune status`; once the server recovers, a re-run sends only those again."""
+    import hashlib
+
+    broken = {"on": True}
+
+    def fault_fn(body, seen):  # about half of the answer requests fail while the server is "broken"
+        text = json.dumps(body.get("messages") or body.get("prompt"), sort_keys=True)
+        instance = "tasks that a helpful assistant" not in text  # not a bootstrap request
+        return "500" if broken["on"] and instance and hashlib.sha256(text.encode()).digest()[0] % 2 == 0 else None
+
+    words = "river planet budget violin harbor recipe garden ladder census poetry saddle tunnel magnet orchid".split()
+
+    def answer(body):  # varied instructions, so that the ROUGE filter keeps most of them
+        import random
+
+        rng = random.Random(json.dumps(body, sort_keys=True))
+        return " Describe the " + " and the ".join(rng.sample(words, 4)) + ".\n5. Explain x."
+
+    with FakeOpenAI(fault_fn=fault_fn, answer=answer) as srv:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"""name: f
+run_dir: {tmp_path / 'run'}
+models:
+  m: {{backend: openai, model: fake, base_url: {srv.url}, max_concurrency: 4, max_attempts: 2, backoff_base: 0.01}}
+stages:
+  seeds: {{path: {ROOT / 'data/seed_tasks.jsonl'}, limit: 12}}
+  generate: {{model: m, target: 12, max_requests: 12, batch_size: 4, instances_style: answer, classify: false}}
+""")
+        cmd = [sys.executable, "-m", "pipeline", "run", str(cfg), "--no-progress"]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stderr
+        gen = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["generate"]
+        assert gen["state"] == "complete_with_failures" and gen["open_failures"] > 0
+        assert {f["kind"] for f in gen["failure_samples"]} == {"http_500"}
+        rejected = [json.loads(x) for x in (tmp_path / "run" / "generate" / "rejected.jsonl").read_text().splitlines()]
+        assert sum(x["rule"] == "instances_request_failed" for x in rejected) == gen["open_failures"]
+        st = subprocess.run([sys.executable, "-m", "pipeline", "status", str(cfg)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+        assert "failed request (http_500" in st.stdout, st.stdout
+        # Each failing request went out max_attempts (2) times; every answered request once.
+        counts = srv.counts()
+        failed_bodies = {k for k in counts if fault_fn(json.loads(k), 0)}
+        assert failed_bodies and all(counts[k] == 2 for k in failed_bodies)
+        assert all(v == 1 for k, v in counts.items() if k not in failed_bodies)
+
+        broken["on"] = False
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stderr
+        gen = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["generate"]
+        assert gen["state"] == "complete" and not gen.get("open_failures")
+        after = srv.counts()
+        assert all(after[k] == 3 for k in failed_bodies)  # sent once more, now answered
+        assert all(after[k] == 1 for k in counts if k not in failed_bodies)  # no answered request paid twice
