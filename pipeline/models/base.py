@@ -123,3 +123,20 @@ class BackendUnavailable(Exception):
 
 class BudgetExceeded(Exception):
     """The stage reached its model budget; answers received so far are committed."""
+
+
+def first_line(text: str, limit: int | None = None) -> str:
+    """The first non-blank line of ``text`` (cut to ``limit`` characters), else ""."""
+    lines = (text or "").strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
+def error_line(exc: BaseException, limit: int | None = None) -> str:
+    """One line for a failure: the exception's first message line, else its type's name."""
+    return first_line(str(exc), limit) or type(exc).__name__
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
+    """``text`` up to the earliest stop string in it, else None."""
+    hits = [text.find(s) for s in stops if s and s in text]
+    return text[: min(hits)] if hits else None

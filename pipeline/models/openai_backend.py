@@ -23,12 +23,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
-                                  Usage)
+                                  Usage, cut_at_stop, error_line, first_line)
 
 log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; further stop strings are applied to the text here
 CONNECTIONS_PER_CLIENT = 64
+ERROR_CHARS = 500  # an error line kept from a server (whose error bodies can be whole HTML pages)
 
 
 class Options(BaseModel):
@@ -126,21 +127,11 @@ def root_cause(exc: BaseException) -> str:
         if isinstance(c, (TimeoutError, asyncio.TimeoutError)):
             return "timed out"
     deepest = next((c for c in reversed(chain) if str(c).strip()), exc)
-    return first_line(str(deepest)) or type(deepest).__name__
+    return error_line(deepest, ERROR_CHARS)
 
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
-
-
-def first_line(text: str, limit: int = 500) -> str:
-    lines = (text or "").strip().splitlines()
-    return lines[0][:limit] if lines else ""
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return text[: min(hits)] if hits else None
 
 
 def aiohttp_transport() -> Any:
@@ -261,11 +252,11 @@ class OpenAIBackend:
         except openai.APITimeoutError as e:
             if dropped_not_timed_out(e):
                 raise _Retryable("connection", f"connection error: {root_cause(e)}") from None
-            raise _Retryable("timeout", f"no answer within {self.options.timeout:g}s ({first_line(str(e))})") from None
+            raise _Retryable("timeout", f"no answer within {self.options.timeout:g}s ({first_line(str(e), ERROR_CHARS)})") from None
         except openai.APIConnectionError as e:
             raise _Retryable("connection", f"connection error: {root_cause(e)}") from None
         except openai.APIStatusError as e:
-            status, msg = e.status_code, first_line(str(e))
+            status, msg = e.status_code, first_line(str(e), ERROR_CHARS)
             if status == 429 or status == 408 or status >= 500:
                 raise _Retryable(f"http_{status}", msg, retry_after_seconds(e.response.headers)) from None
             if status == 400 and "response_format" in kw and self.options.json_mode == "auto":
@@ -274,7 +265,7 @@ class OpenAIBackend:
                 return await self._call(client, req)  # at once, without response_format
             raise _Fatal(f"http_{status}", msg, status) from None
         except (openai.APIResponseValidationError, ValueError, TypeError) as e:  # e.g. a body that is not JSON
-            raise _Retryable("malformed", f"malformed response: {first_line(str(e)) or type(e).__name__}") from None
+            raise _Retryable("malformed", f"malformed response: {error_line(e, ERROR_CHARS)}") from None
         return self._completion(data, req)
 
     def _completion(self, data: Any, req: ModelRequest) -> Completion:
@@ -315,7 +306,7 @@ class OpenAIBackend:
                 log.info("retrying after %s in %.2fs (attempt %d/%d)", e.kind, delay, attempt, o.max_attempts)
                 await asyncio.sleep(delay)
         assert last is not None
-        return Failure(error=first_line(last.error) or last.kind, kind=last.kind, attempts=o.max_attempts)
+        return Failure(error=first_line(last.error, ERROR_CHARS) or last.kind, kind=last.kind, attempts=o.max_attempts)
 
     # ---- the batch ------------------------------------------------------------------------------------------
     async def _run(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:

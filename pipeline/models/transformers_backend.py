@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
-                                  Usage)
+                                  Usage, cut_at_stop, error_line)
 from pipeline.models.loading import load_model_and_tokenizer, resolve_model_path, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class TransformersBackend:
             resolve_model_path(self.options.model)
             self._load()
         except Exception as e:  # noqa: BLE001 - reported as one line
-            cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            cause = error_line(e)
             raise BackendUnavailable(f"model '{self.options.model}': {cause}") from None
 
     def _load(self):
@@ -130,7 +130,7 @@ class TransformersBackend:
                 seq.pop()
         text = tok.decode(seq, skip_special_tokens=True)
         reason = "stop" if end is not None else "length"
-        cut = _cut_at_stop(text, stops)
+        cut = cut_at_stop(text, stops)
         if cut is not None:
             text, reason = cut, "stop"
         return text, reason, len(seq)
@@ -147,7 +147,7 @@ class TransformersBackend:
                 try:
                     res = self._generate_batch([requests[i] for i in members])
                 except (RuntimeError, ValueError) as e:
-                    error = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    error = error_line(e)
                     log.warning("generation failed: %s", error)
                     res = [Failure(error=error, kind="generation_error")] * len(members)
                 if not on_result(list(zip(members, res))):
@@ -195,11 +195,6 @@ def _as_list(x: Any) -> list[int]:
     if x is None:
         return []
     return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> str | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return text[: min(hits)] if hits else None
 
 
 def create(options: Options) -> TransformersBackend:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import MissingExtra
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, GenParams, ModelRequest, ModelResult,
-                                  ResultSink, Usage)
+                                  ResultSink, Usage, error_line)
 from pipeline.models.loading import resolve_model_path, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class VLLMBackend:
             try:
                 self._llm = vllm.LLM(**self.engine_args())
             except (OSError, ValueError, RuntimeError) as e:
-                cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                cause = error_line(e)
                 raise BackendUnavailable(f"model '{self.options.model}': vLLM could not start: {cause}") from None
         return self._llm
 
@@ -138,7 +138,7 @@ class VLLMBackend:
             else:
                 outs = llm.generate([requests[i].prompt for i in members], sampling_params=sps, use_tqdm=False)
         except (ValueError, RuntimeError) as e:  # e.g. a prompt longer than max_model_len
-            error = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            error = error_line(e)
             log.warning("vLLM generation failed: %s", error)
             return [Failure(error=error, kind="generation_error")] * len(members)
         return [_completion(out) for out in outs]
