@@ -62,9 +62,9 @@ class _Retryable(Exception):
 class _Fatal(Exception):
     """The request itself is wrong (4xx other than 408/429): retrying cannot help."""
 
-    def __init__(self, kind: str, error: str, status: int):
+    def __init__(self, kind: str, error: str):
         super().__init__(error)
-        self.kind, self.error, self.status = kind, error, status
+        self.kind, self.error = kind, error
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -263,7 +263,7 @@ class OpenAIBackend:
                 log.warning("%s rejected response_format (%s); asking for JSON in the prompt only", self.base_url, msg)
                 self._json_supported = False
                 return await self._call(client, req)  # at once, without response_format
-            raise _Fatal(f"http_{status}", msg, status) from None
+            raise _Fatal(f"http_{status}", msg) from None
         except (openai.APIResponseValidationError, ValueError, TypeError) as e:  # e.g. a body that is not JSON
             raise _Retryable("malformed", f"malformed response: {error_line(e, ERROR_CHARS)}") from None
         return self._completion(data, req)
