@@ -41,7 +41,7 @@ def test_identity_is_cheap_and_content_based(tiny, tmp_path):
     b = backend(tiny)
     ident = b.identity()
     assert b._model is None  # nothing loaded
-    assert ident["backend"] == "transformers" and len(ident["weights"]) == 16
+    assert ident["backend"] == "transformers" and len(ident["weights"]) == 24
     other = str(save_tiny_causal(tmp_path / "other", seed=1))
     assert backend(other).identity()["weights"] != ident["weights"]
     assert backend(tiny, dtype="bfloat16").identity() != ident

@@ -84,14 +84,19 @@ class Completion(BaseModel):
 
 
 class Failure(BaseModel):
-    """A request that produced no usable answer. Never stored as a result; retried on the next run."""
+    """A request that produced no usable answer. Never stored as a result.
+
+    Transient failures (429, 408, 5xx, time-outs, dropped connections, malformed answers, after
+    ``max_attempts``) are retried by the next run. Permanent ones (another 4xx, a null answer, a prompt over
+    the context) are terminal: kept with the server's reason and re-sent only with ``--retry-failed``."""
 
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["failed"] = "failed"
     error: str
-    kind: str = "error"  # e.g. "http_429", "http_500", "timeout", "connection", "malformed", "budget"
+    kind: str = "error"  # e.g. "http_429", "http_500", "timeout", "connection", "malformed", "null_content"
     attempts: int = 1
+    permanent: bool = False
 
 
 ModelResult = Union[Completion, Failure]

@@ -11,22 +11,17 @@ loads take a fraction of a second instead of ~15 s.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.hashing import cache_root, content_hash
 
 log = logging.getLogger(__name__)
 
 PKG_PREFIX = "pkg://"
-
-
-def cache_root() -> Path:
-    base = os.environ.get("SEEDTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "seedtune"
-    return Path(base)
 
 
 def resolve_model_path(spec: str) -> str:
@@ -58,23 +53,37 @@ def split_gguf(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
     return path, gguf_file
 
 
-def weights_fingerprint(spec: str, gguf_file: str | None = None, revision: str | None = None) -> str:
-    """A cheap, content-based identity of local weights (sizes + sampled bytes); hub ids use id + revision."""
+def weights_identity(spec: str, gguf_file: str | None = None, revision: str | None = None) -> str:
+    """A content hash of the weights a model spec names; never loads them.
+
+    A local file or folder hashes its bytes (cached by path, size and mtime, so a large checkpoint is read
+    once and a retrained one is always read again). A hub id resolves to the files of its snapshot in the
+    local hub cache, else to the commit the hub names for ``revision``; if neither can be had the identity
+    is the id and the revision as given, which a later resolution replaces."""
     where, gguf = split_gguf(spec, gguf_file)
     p = Path(where)
-    if not p.exists():
-        return f"id:{where}@{revision or 'main'}"
-    files = [p / gguf] if gguf else sorted(f for f in p.rglob("*") if f.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(p)}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(size - (1 << 20))
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+    if p.exists():
+        target = p / gguf if gguf else p
+        return content_hash(target)[-24:] if target.exists() else f"missing:{target}"
+    return hub_identity(where, revision)
+
+
+def hub_identity(repo_id: str, revision: str | None) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=True)
+        return "hub:" + repo_id + ":" + content_hash(folder)[-24:]
+    except Exception:  # noqa: BLE001 - not in the local cache
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+        return f"hub:{repo_id}@{revision or 'main'}:unresolved"
+    try:
+        from huggingface_hub import HfApi
+
+        return f"hub:{repo_id}@" + HfApi().model_info(repo_id, revision=revision).sha
+    except Exception:  # noqa: BLE001 - no network or no such repo: loading will say so
+        return f"hub:{repo_id}@{revision or 'main'}:unresolved"
 
 
 def torch_dtype(name: str) -> Any:
@@ -91,7 +100,7 @@ def torch_dtype(name: str) -> Any:
 
 def dequantized_folder(where: str, gguf: str, trust_remote_code: bool = False) -> Path:
     """Dequantise a GGUF file once into a plain safetensors folder in the cache; return that folder."""
-    target = cache_root() / "gguf" / weights_fingerprint(where, gguf)
+    target = cache_root() / "gguf" / weights_identity(where, gguf)[-16:]
     if (target / "config.json").exists():
         return target
     try:

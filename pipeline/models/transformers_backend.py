@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
                                   Usage, cut_at_stop, error_line)
-from pipeline.models.loading import load_model_and_tokenizer, resolve_model_path, weights_fingerprint
+from pipeline.models.loading import load_model_and_tokenizer, resolve_model_path, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class TransformersBackend:
         if self._identity is None:
             o = self.options
             self._identity = {"backend": "transformers", "model": o.model, "gguf_file": o.gguf_file,
-                              "revision": o.revision, "weights": weights_fingerprint(o.model, o.gguf_file, o.revision),
+                              "revision": o.revision, "weights": weights_identity(o.model, o.gguf_file, o.revision),
                               "dtype": o.dtype}
         return self._identity
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import MissingExtra
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, GenParams, ModelRequest, ModelResult,
                                   ResultSink, Usage, error_line)
-from pipeline.models.loading import resolve_model_path, weights_fingerprint
+from pipeline.models.loading import resolve_model_path, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class VLLMBackend:
     def identity(self) -> dict[str, Any]:
         o = self.options
         return {"backend": "vllm", "model": o.model, "tokenizer": o.tokenizer, "revision": o.revision,
-                "dtype": o.dtype, "weights": weights_fingerprint(o.model, None, o.revision)}
+                "dtype": o.dtype, "weights": weights_identity(o.model, None, o.revision)}
 
     def check(self) -> None:
         _vllm()

@@ -33,6 +33,10 @@ class JournaledClient:
             self._identity = self._backend.identity()
         return self._identity
 
+    def key(self, request: ModelRequest) -> str:
+        """The journal key of ``request`` for this model (what provenance records)."""
+        return request.key(self.identity())
+
     def backend(self) -> Backend:
         return self._backend
 

@@ -42,6 +42,9 @@ class ModelClient(Protocol):
 
     def identity(self) -> dict[str, Any]: ...
 
+    def key(self, request: ModelRequest) -> str:
+        """The journal key of ``request`` (record it in provenance)."""
+
     def generate(self, requests: Sequence[ModelRequest], desc: str | None = None) -> list[ModelResult]:
         """Results in request order. Raises ``BudgetExceeded`` when the model's budget is spent."""
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import UserError
-from pipeline.models.loading import load_model_and_tokenizer, weights_fingerprint
+from pipeline.models.loading import load_model_and_tokenizer, weights_identity
 from pipeline.paths import DATA_DIR
 from pipeline.records import TrainingExample
 from pipeline.stages.context import StageContext
@@ -252,7 +252,7 @@ def run(ctx: StageContext) -> None:
         input_tokens=report["input_tokens"], packing=mode,
         replay_is_forgetting_text=report.get("replay_is_forgetting_text", False), steps=info["global_step"],
         train_loss=info["train_loss"], loss_curve=info["loss_curve"], resumed_from=info["resumed_from"],
-        base_weights=weights_fingerprint(o.base_model, o.gguf_file, o.revision))
+        base_weights=weights_identity(o.base_model, o.gguf_file, o.revision))
     if before is not None and after is not None:
         strip = lambda r: {k: v for k, v in r.items() if k != "samples"}  # noqa: E731
         ctx.stats.metrics["evaluation"] = {"before": strip(before), "after": strip(after)}
