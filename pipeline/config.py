@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import UserError
-from pipeline.models import COMMON_KEYS, BACKENDS, Budget, Price, backend_module
+from pipeline.models import COMMON_KEYS, BACKENDS, Budget, Price, RayOptions, backend_module
 from pipeline.stages import STAGES, stage_module
 
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -49,6 +49,8 @@ class ModelSpec:
     options: BaseModel
     price: Price
     budget: Budget
+    executor: str = "local"  # local | ray
+    ray: RayOptions = field(default_factory=RayOptions)
 
 
 @dataclass
@@ -252,9 +254,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
             fail(loc + ("backend",), f"unknown backend '{backend}'{hint}; one of {', '.join(BACKENDS)}")
         price = _validate(Price, mdata.get("price") or {}, loc + ("price",), where)
         budget = _validate(Budget, mdata.get("budget") or {}, loc + ("budget",), where)
+        executor = mdata.get("executor") or "local"
+        if executor not in ("local", "ray"):
+            fail(loc + ("executor",), f"unknown executor '{executor}'; one of local, ray")
+        ray = _validate(RayOptions, mdata.get("ray") or {}, loc + ("ray",), where)
         rest = {k: v for k, v in mdata.items() if k not in COMMON_KEYS}
         options = _validate(backend_module(backend).Options, rest, loc, where)
-        models[mname] = ModelSpec(mname, backend, options, price, budget)  # type: ignore[arg-type]
+        models[mname] = ModelSpec(mname, backend, options, price, budget, executor, ray)  # type: ignore[arg-type]
 
     stages: list[StageSpec] = []
     if not top.stages:

@@ -11,7 +11,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 BACKENDS: dict[str, str] = {
     "openai": "pipeline.models.openai_backend",
@@ -21,7 +21,7 @@ BACKENDS: dict[str, str] = {
 }
 
 # Settings common to every backend; the rest of a model definition belongs to the backend's Options.
-COMMON_KEYS = ("backend", "price", "budget")
+COMMON_KEYS = ("backend", "price", "budget", "executor", "ray")
 
 
 class Price(BaseModel):
@@ -43,6 +43,20 @@ class Budget(BaseModel):
 
     max_cost_usd: float | None = None
     max_tokens: int | None = None
+
+
+class RayOptions(BaseModel):
+    """Where ``executor: ray`` runs a model's requests (see pipeline/run/executors/ray.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None  # a cluster to join; else $RAY_ADDRESS; else a local instance on this machine
+    workers: int = Field(1, ge=1)  # actors, each building the backend once
+    batch_size: int | None = Field(None, ge=1)  # requests per Ray row (default: the backend's batch/concurrency)
+    num_gpus_per_worker: float = Field(0, ge=0)
+    num_cpus_per_worker: float = Field(1, ge=0)
+    # vLLM on GPU workers through Ray Data's own LLM processor (ray.data.llm) instead of seedtune's vllm backend.
+    ray_data_llm: bool = False
 
 
 def backend_module(name: str) -> ModuleType:

@@ -136,25 +136,29 @@ class TransformersBackend:
         return text, reason, len(seq)
 
     def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
-        bs = max(1, self.options.batch_size)
-        # Requests with the same parameters and kind share batches; order stays fixed.
-        groups: dict[str, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r.params.model_dump_json() + str(r.messages is None), []).append(i)
-        for idx in groups.values():
-            for s in range(0, len(idx), bs):
-                members = idx[s : s + bs]
-                try:
-                    res = self._generate_batch([requests[i] for i in members])
-                except (RuntimeError, ValueError) as e:
-                    error = error_line(e)
-                    log.warning("generation failed: %s", error)
-                    res = [Failure(error=error, kind="generation_error")] * len(members)
-                if not on_result(list(zip(members, res))):
-                    return
+        for members in batches(self.options, requests):
+            try:
+                res = self._generate_batch([requests[i] for i in members])
+            except (RuntimeError, ValueError) as e:
+                error = error_line(e)
+                log.warning("generation failed: %s", error)
+                res = [Failure(error=error, kind="generation_error")] * len(members)
+            if not on_result(list(zip(members, res))):
+                return
 
     def close(self) -> None:
         self._model = None
+
+
+def batches(options: Options, requests: Sequence[ModelRequest]) -> list[list[int]]:
+    """The batches ``generate`` forms: requests with the same parameters and kind, in request order, at most
+    ``batch_size`` each. A batch samples with one seed drawn from its members, so an executor that spreads
+    requests over workers sends whole batches (see pipeline/run/executors)."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.params.model_dump_json() + str(r.messages is None), []).append(i)
+    bs = max(1, options.batch_size)
+    return [idx[s : s + bs] for idx in groups.values() for s in range(0, len(idx), bs)]
 
 
 def stop_criteria(tok: Any, stops: list[str], prompt_len: int) -> Any:

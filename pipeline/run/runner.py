@@ -35,6 +35,7 @@ from pipeline.errors import UserError
 from pipeline.models import backend_module
 from pipeline.models.base import Backend, BackendUnavailable, BudgetExceeded
 from pipeline.run.client import JournaledClient
+from pipeline.run.executors import executor_for
 from pipeline.run.journal import Journal
 from pipeline.run.manifest import now_iso, package_versions, read_manifest, write_manifest
 from pipeline.stages import stage_module
@@ -150,7 +151,7 @@ class Runner:
     def backend(self, name: str) -> Backend:
         if name not in self._backends:
             spec = self.config.models[name]
-            self._backends[name] = backend_module(spec.backend).create(spec.options)
+            self._backends[name] = executor_for(spec, backend_module(spec.backend).create(spec.options))
         return self._backends[name]
 
     def identities(self, spec: StageSpec) -> dict[str, Any]:
