@@ -85,7 +85,8 @@ class Driver:
         assert r.returncode == 0, r.stderr[-3000:]
         wait_ray_gone(self.rt)
 
-    def kill_when(self, ready) -> None:
+    def kill_when(self, ready, total: int) -> None:
+        """SIGKILL the driver once ``ready()``; it must have been mid-generation (fewer than ``total`` answers)."""
         p = self.start()
         while not ready() and p.poll() is None:
             time.sleep(0.05)
@@ -93,6 +94,7 @@ class Driver:
         p.send_signal(signal.SIGKILL)
         p.wait()
         wait_ray_gone(self.rt)
+        assert len(committed(self.db)) < total, "the run had finished generating before the kill"
 
 
 def final_run_sends_only_uncommitted(driver: Driver, run_dir: Path) -> None:
@@ -110,6 +112,7 @@ def test_openai_on_ray_matches_local_and_survives_three_kills(tmp_path):
     with FakeOpenAI(latency=0.05, answer=answer) as srv:
         env = {"OPENAI_BASE_URL": srv.url, "OPENAI_API_KEY": "test"}
         Driver(config, tmp_path / "local", SMALL, env).run()
+        total = len(committed(tmp_path / "local" / "journal.sqlite"))
 
         ray_run = tmp_path / "ray"
         driver = Driver(config, ray_run, SMALL + ["models.teacher.executor=ray", "models.teacher.ray.workers=2",
@@ -118,7 +121,7 @@ def test_openai_on_ray_matches_local_and_survives_three_kills(tmp_path):
         answered: set[str] = set()
         for _ in range(3):
             start, before = len(srv.log), len(committed(driver.db))
-            driver.kill_when(lambda: len(srv.log) >= start + rng.randint(1, 5))
+            driver.kill_when(lambda: len(srv.log) >= start + rng.randint(1, 2), total)
             sent = {canonical(b) for b in srv.log[start:]}
             # In flight at the kill: received by the server (the workers included), never committed.
             in_flight += len(sent) - (len(committed(driver.db)) - before)
@@ -156,17 +159,10 @@ stages:
     Driver(config, tmp_path / "local", [], env).run()
     ray_run = tmp_path / "ray"
     driver = Driver(config, ray_run, ["models.m.executor=ray", "models.m.ray.workers=2"], env)
+    total = len(committed(tmp_path / "local" / "journal.sqlite"))
     for _ in range(3):
-        start = len(committed(driver.db))
-        extra = rng.uniform(0, 2)
-        seen: list[float] = []
-
-        def ready() -> bool:  # some answers of this run committed, then a random while longer
-            if not seen and len(committed(driver.db)) > start:
-                seen.append(time.monotonic())
-            return bool(seen) and time.monotonic() - seen[0] >= extra
-
-        driver.kill_when(ready)
+        start, more = len(committed(driver.db)), rng.randint(1, 3)  # kill after 1-3 answers of this run
+        driver.kill_when(lambda: len(committed(driver.db)) >= start + more, total)
     final_run_sends_only_uncommitted(driver, ray_run)
     assert generate_outputs(ray_run) == generate_outputs(tmp_path / "local")
     assert committed(driver.db) == committed(tmp_path / "local" / "journal.sqlite")
