@@ -9,7 +9,9 @@
 # 3. generates through pipeline.models.vllm_backend: raw prompts, chat, stop strings, n samples, a JSON schema
 #    (structured outputs), reproducibility across two calls; prints the answers and tokens/s;
 # 4. runs a small pipeline (generate with vLLM -> filter -> dedup -> template -> export -> sft in bf16, 4 steps)
-#    so the SFT stage's Trainer runs on the GPU.
+#    so the SFT stage's Trainer runs on the GPU;
+# 5. the same generate stage through `executor: ray` with one GPU worker (a local Ray instance), its records
+#    compared with step 4's, then once more through Ray Data's own LLM processor (ray.data.llm, chat requests).
 # Logs and the summary go to $OUT (default /tmp/seedtune-gpu-check), the run to $RUN_DIR; a summary ends the output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,9 +36,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$ROOT/$VENV/bin/python"
 if ! "$PY" -c "import vllm" 2>/dev/null; then
-  if timeout 900 "$PY" -m pip install -q -e ".[vllm,gguf]"; then RESULT[install]=ok; else RESULT[install]="FAILED (no index?)"; fi
+  if timeout 900 "$PY" -m pip install -q -e ".[vllm,gguf,ray]"; then RESULT[install]=ok; else RESULT[install]="FAILED (no index?)"; fi
 else
   "$PY" -m pip install -q --no-deps -e . && RESULT[install]="vllm already present"
+  "$PY" -c "import ray.data" 2>/dev/null || timeout 300 "$PY" -m pip install -q "ray[data]" || true
 fi
 "$PY" - <<'EOF' 2>&1 | tail -3
 import importlib.metadata as md
@@ -151,5 +154,34 @@ else
   RESULT[pipeline]="SKIPPED (no model)"
 fi
 
+step "generate through executor: ray (one GPU worker)"
+if [ -n "$MODEL_DIR" ] && [ -f "$RUN_DIR/generate/records.jsonl" ] && "$PY" -c "import ray.data" 2>/dev/null; then
+  RAY_RUN=${RUN_DIR}-ray
+  rm -rf "$RAY_RUN"
+  if timeout 600 "$PY" -m pipeline run "$OUT/gpu_check.yaml" --no-progress --until generate --set run_dir="$RAY_RUN" \
+      --set models.smol.executor=ray --set models.smol.ray.num_gpus_per_worker=1 > "$OUT/ray.log" 2>&1; then
+    if cmp -s "$RUN_DIR/generate/records.jsonl" "$RAY_RUN/generate/records.jsonl"; then
+      RESULT[ray]="ok (records identical to the local executor)"
+    else
+      RESULT[ray]="ran, records DIFFER from the local executor"
+    fi
+  else
+    RESULT[ray]="FAILED (see $OUT/ray.log)"
+  fi
+  tail -12 "$OUT/ray.log"
+  rm -rf "${RAY_RUN}-llm"
+  if timeout 600 "$PY" -m pipeline run "$OUT/gpu_check.yaml" --no-progress --until generate --set run_dir="${RAY_RUN}-llm" \
+      --set models.smol.executor=ray --set models.smol.ray.num_gpus_per_worker=1 --set models.smol.ray.ray_data_llm=true \
+      --set stages.generate.mode=alpaca --set stages.generate.alpaca_style=chat --set stages.generate.max_requests=8 \
+      > "$OUT/ray_llm.log" 2>&1; then
+    RESULT[ray_llm]="ok ($(grep -c . "${RAY_RUN}-llm/generate/raw_completions.jsonl" 2>/dev/null || echo ?) raw answers)"
+  else
+    RESULT[ray_llm]="FAILED (see $OUT/ray_llm.log)"
+  fi
+  tail -8 "$OUT/ray_llm.log"
+else
+  RESULT[ray]="SKIPPED (no ray, no model or no local generate run)"
+fi
+
 step "summary"
-for k in install model vllm pipeline; do printf '%-9s %s\n' "$k:" "${RESULT[$k]:-not run}"; done | tee "$OUT/summary.txt"
+for k in install model vllm pipeline ray ray_llm; do printf '%-9s %s\n' "$k:" "${RESULT[$k]:-not run}"; done | tee "$OUT/summary.txt"

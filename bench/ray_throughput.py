@@ -3,9 +3,9 @@
 Starts tests/openai_server.py (a separate process) with a fixed latency, then, each in a fresh driver process,
 sends N requests through the journaled client (every answer committed to a real journal, as the runner does)
 with the local executor and with Ray at 1 and 2 workers (a local Ray instance that the driver starts and stops).
-Prints requests/s, the driver's peak memory (RSS; Ray's own processes are not counted), and Ray's per-request
-overhead: the extra wall time per request beyond the local executor once the fixed cost of a Ray dataset (its
-actors starting, measured with a 1-request call) is taken off.
+Prints requests/s, the driver's peak memory (RSS; Ray's own processes are not counted), and Ray's overhead:
+the one-off start of the Ray instance, the fixed cost of each round (a Ray dataset whose actors start, measured
+with a 1-request call), and the extra wall time per request beyond the local executor once that is taken off.
     python bench/ray_throughput.py [--latency 0.2] [--requests 2000] [--concurrency 32]
 """
 
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def driver(url: str, n: int, concurrency: int, executor: str, workers: int) -> dict:
-    """One measurement, in this (fresh) process: a 1-request call, then n requests."""
+    """One measurement, in this (fresh) process: a 1-request call that starts everything (Ray included), a
+    1-request call (the fixed cost of one more round: a Ray dataset and its actors), then n requests."""
     sys.path.insert(0, str(ROOT))
     from pipeline.config import ModelSpec
     from pipeline.models import Budget, Price, RayOptions
@@ -43,7 +44,7 @@ def driver(url: str, n: int, concurrency: int, executor: str, workers: int) -> d
     with tempfile.TemporaryDirectory() as tmp:
         journal = Journal(Path(tmp) / "journal.sqlite")
         client = JournaledClient("m", backend, journal, "bench", StageStats(), Price(), Budget(), show_progress=False)
-        for name, count in (("one", 1), ("many", n)):
+        for name, count in (("init", 1), ("one", 1), ("many", n)):
             reqs = [ModelRequest(messages=[Message(role="user", content=f"{name} {executor}{workers} {i}")],
                                  params=GenParams(max_tokens=16)) for i in range(count)]
             t = time.perf_counter()
@@ -93,16 +94,18 @@ def main() -> None:
     n, lat = args.requests, args.latency
     print(f"{n} requests, server latency {lat * 1000:.0f} ms, max_concurrency {args.concurrency} per backend "
           f"(ideal {args.concurrency / lat:.0f} req/s per worker)")
-    print(f"{'executor':<12} {'req/s':>8} {'wall s':>8} {'1-request call s':>17} {'driver peak RSS MiB':>20}")
+    print(f"{'executor':<10} {'req/s':>7} {'wall s':>7} {'req/s beyond round cost':>24} {'start s':>8} "
+          f"{'round s':>8} {'driver peak RSS MiB':>20}")
     local = rows[0][2]
     for executor, workers, m in rows:
         label = executor if executor == "local" else f"ray x{workers}"
-        print(f"{label:<12} {n / m['many']:>8.1f} {m['many']:>8.2f} {m['one']:>17.2f} {m['rss_mib']:>20.0f}")
+        print(f"{label:<10} {n / m['many']:>7.1f} {m['many']:>7.2f} {n / (m['many'] - m['one']):>24.1f} "
+              f"{m['init']:>8.2f} {m['one']:>8.2f} {m['rss_mib']:>20.0f}")
     for executor, workers, m in rows[1:]:
         # Ray's extra time per request at the same concurrency (1 worker): beyond the fixed cost of a dataset.
         extra = ((m["many"] - m["one"]) - (local["many"] - local["one"])) / n
-        print(f"ray x{workers}: fixed cost per Ray dataset (actors start, per round) "
-              f"{m['one'] - local['one']:.2f} s; extra wall time per request {extra * 1000:+.2f} ms")
+        print(f"ray x{workers}: Ray start {m['init'] - local['init']:.1f} s once; fixed cost per round (a Ray dataset, "
+              f"its actors start) {m['one'] - local['one']:.2f} s; beyond that {extra * 1000:+.2f} ms per request")
 
 
 if __name__ == "__main__":

@@ -278,9 +278,17 @@ def main(argv: list[str] | None = None, table: dict[str, str] | None = None) -> 
     # (a job started in the background of a non-interactive shell).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    handlers = {"run": cmd_run, "status": cmd_status, "validate": cmd_validate}
+    if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch
+        from pipeline.run.distributed import run_ranks
+
+        return run_ranks(args.table, lambda: _dispatch(args, handlers))
+    return _dispatch(args, handlers)
+
+
+def _dispatch(args: argparse.Namespace, handlers: dict[str, Any]) -> int:
     from pipeline.run.runner import Interrupted, StageStopped
 
-    handlers = {"run": cmd_run, "status": cmd_status, "validate": cmd_validate}
     try:
         return handlers[args.command](args)
     except UserError as e:

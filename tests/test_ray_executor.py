@@ -58,6 +58,8 @@ def committed(db: Path) -> dict[str, str]:
     conn = sqlite3.connect(str(db))
     try:
         return dict(conn.execute("SELECT key, result FROM results"))
+    except sqlite3.OperationalError:  # the driver is creating the journal right now
+        return {}
     finally:
         conn.close()
 
@@ -78,7 +80,8 @@ class Driver:
         self.db = run_dir / "journal.sqlite"
 
     def start(self) -> subprocess.Popen:
-        return subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the driver runs
+        return subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=self.log)
 
     def run(self) -> None:
         r = subprocess.run(self.cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=600)
@@ -90,7 +93,9 @@ class Driver:
         p = self.start()
         while not ready() and p.poll() is None:
             time.sleep(0.05)
-        assert p.poll() is None, p.stderr.read().decode()[-3000:]  # killed mid-run, not after it
+        if p.poll() is not None:  # it must be killed mid-run, not after it
+            self.log.seek(0)
+            raise AssertionError(self.log.read().decode()[-3000:])
         p.send_signal(signal.SIGKILL)
         p.wait()
         wait_ray_gone(self.rt)

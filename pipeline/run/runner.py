@@ -35,6 +35,7 @@ from pipeline.hashing import strip_credentials_in_text
 from pipeline.models import backend_module
 from pipeline.models.base import BudgetExceeded
 from pipeline.run.client import JournaledClient, JournalStore
+from pipeline.run.distributed import lead_stage
 from pipeline.run.executors import executor_for
 from pipeline.run.identity import STAGE_FILE, dir_digest, fingerprint
 from pipeline.run.journal import Journal
@@ -298,6 +299,7 @@ class Runner:
                       **stats.as_dict(), open_failures=stats.failures - stats.failures_permanent, **extra)
 
         try:
+            lead_stage(ctx)  # a training stage under torchrun/accelerate: every rank trains it
             module.run(ctx)
         except KeyboardInterrupt:
             finish("interrupted")

@@ -15,6 +15,7 @@ whose text is in the stage fingerprint.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,7 +191,7 @@ def make_dataset(rows: list[dict], model: Any, tok: Any, o: Options, s2s: bool) 
 
 
 def evaluate(model: Any, tok: Any, examples: list[TrainingExample], o: Options, label: str) -> dict | None:
-    if o.evaluation is None:
+    if o.evaluation is None or os.environ.get("RANK", "0") != "0":  # other ranks of a multi-process run train only
         return None
     if _evaluation is None:  # pragma: no cover
         log.warning("pipeline.training.evaluation is missing: skipping evaluation")

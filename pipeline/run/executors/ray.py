@@ -32,7 +32,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from pipeline.errors import MissingExtra
 from pipeline.models import RayOptions, backend_module
-from pipeline.models.base import Backend, ModelRequest, ModelResult, ResultSink
+from pipeline.models.base import Backend, BackendUnavailable, ModelRequest, ModelResult, ResultSink, error_line
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,13 @@ class RayExecutor:
         return self.local.identity()
 
     def check(self) -> None:
-        self.local.check()
+        """Ray is installed and reachable; the model itself is built (and checked) by each worker, never here."""
+        try:
+            self._connect()
+        except MissingExtra:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. no cluster at the address: one line
+            raise BackendUnavailable(f"Ray: {error_line(e)}") from None
 
     def _connect(self) -> Any:
         if self._ray is not None:

@@ -1,0 +1,77 @@
+"""``torchrun --nproc-per-node 2 -m pipeline run`` (gloo on CPU, a tiny model): a fresh run from seeds to sft,
+killed (SIGKILL to every process) mid-training and run again under torchrun, resumes from its last checkpoint
+with the global step continuing, and ends with exit 0, one manifest and one model folder that loads."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+from tinymodel import save_tiny_causal
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0"]
+STEPS = 60
+
+
+def config(tmp: Path) -> Path:
+    model = save_tiny_causal(tmp / "tiny")
+    cfg = tmp / "ddp.yaml"
+    cfg.write_text(f"""name: ddp
+run_dir: {tmp / 'run'}
+seed: 5
+models:
+  m: {{backend: test}}
+stages:
+  seeds: {{path: {ROOT / 'data/seed_tasks.jsonl'}, limit: 30}}
+  generate: {{model: m, target: 24, batch_size: 4}}
+  filter: {{}}
+  template: {{format: chat}}
+  export: {{validation_fraction: 0.2}}
+  model: {{kind: sft, base_model: {model}, max_steps: {STEPS}, save_steps: 4, per_device_batch_size: 2,
+           max_length: 128, logging_steps: 1}}
+""")
+    return cfg
+
+
+def test_two_processes_train_resume_after_kill_and_finish_once(tmp_path):
+    cfg = config(tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}  # followers' temp folders land here
+    cmd = TORCHRUN + ["-m", "pipeline", "run", str(cfg), "--no-progress"]
+    checkpoints = run / ".scratch" / "model" / "checkpoints"
+
+    log = open(tmp_path / "killed.log", "w+")  # a file, not a pipe: nobody reads while it runs
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    while p.poll() is None and not list(checkpoints.glob("checkpoint-*/rng_state_1.pth")):
+        time.sleep(0.05)
+    assert p.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    p.wait()
+    saved = sorted(int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*"))
+    assert saved and saved[-1] < STEPS
+    # Only rank 0 kept the books: the earlier stages were computed once, into the run folder.
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["export"]["state"] == "complete"
+    assert manifest["stages"]["model"]["state"] == "running"
+
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    model = manifest["stages"]["model"]
+    assert model["state"] == "complete"
+    resumed = model["metrics"]["resumed_from"]
+    assert resumed is not None and int(resumed.split("-")[1]) >= saved[-1]  # the last checkpoint on disk then
+    assert model["metrics"]["steps"] == STEPS  # the global step continued from it to the end
+    assert all(manifest["stages"][s]["state"] == "cached" for s in ("seeds", "generate", "filter", "export"))
+    assert "training on 2 processes" in (run / "seedtune.log").read_text()
+    assert [m.relative_to(tmp_path) for m in tmp_path.rglob("manifest.json")] == [Path("run/manifest.json")]
+    assert not list(tmp_path.glob("seedtune-rank*"))  # the followers' outputs were temporary
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(run / "model")
+    assert AutoTokenizer.from_pretrained(run / "model").chat_template
