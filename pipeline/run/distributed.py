@@ -9,16 +9,18 @@ stage function so that every rank trains (transformers' Trainer shards the data 
 the process group set up here: gloo on CPU, NCCL for CUDA tensors), and wait for the next message. When rank 0's
 run ends it broadcasts its exit code; every follower exits with it.
 
-A follower writes its stage outputs to a temporary folder that is removed afterwards: only rank 0's are kept.
+A follower writes its stage outputs to ``<run_dir>/.ranks/<stage>-rank<N>/``, emptied before and removed after the
+stage (a killed run's is emptied by the next): only rank 0's outputs are kept.
 Checkpoints are written by the Trainer on rank 0 into the shared scratch folder (each rank adds its own RNG
 state), so a run killed mid-training and started again under the same launcher resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import tempfile
+import shutil
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -105,14 +107,19 @@ def _no_model(name: str) -> Any:
 def _follow_stage(s: dict[str, Any], table: dict[str, str]) -> None:
     module = stage_module(s["kind"], table)
     options = module.Options.model_validate(s["options"])
-    with tempfile.TemporaryDirectory(prefix=f"seedtune-rank{rank()}-") as out:
-        ctx = StageContext(name=s["name"], kind=s["kind"], options=options, seed=s["seed"],
-                           run_dir=Path(s["run_dir"]), out_dir=Path(out), scratch_dir=Path(s["scratch_dir"]),
-                           inputs=[StageInput(n, k, Path(d)) for n, k, d in s["inputs"]], get_model=_no_model,
-                           log=logging.getLogger(f"pipeline.stages.{s['kind']}"), show_progress=False)
-        try:
-            module.run(ctx)
-        except Exception as e:  # noqa: BLE001 - rank 0 reports the stage's failure; this rank waits for its end
-            log.warning("rank %d: stage %s failed: %s", rank(), s["name"], e)
-        finally:
-            ctx.close()
+    out = Path(s["run_dir"]) / ".ranks" / f"{s['name']}-rank{rank()}"  # emptied before and removed after
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    ctx = StageContext(name=s["name"], kind=s["kind"], options=options, seed=s["seed"], run_dir=Path(s["run_dir"]),
+                       out_dir=out, scratch_dir=Path(s["scratch_dir"]),
+                       inputs=[StageInput(n, k, Path(d)) for n, k, d in s["inputs"]], get_model=_no_model,
+                       log=logging.getLogger(f"pipeline.stages.{s['kind']}"), show_progress=False)
+    try:
+        module.run(ctx)
+    except Exception as e:  # noqa: BLE001 - rank 0 reports the stage's failure; this rank waits for its end
+        log.warning("rank %d: stage %s failed: %s", rank(), s["name"], e)
+    finally:
+        ctx.close()
+        shutil.rmtree(out, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another follower's folder may still be there
+            out.parent.rmdir()

@@ -8,6 +8,7 @@ data layer.
 from __future__ import annotations
 
 import dataclasses
+import os
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -107,16 +108,20 @@ def training_arguments(o: TrainOptions, output_dir: Path, seed: int, num_rows: i
         # non-reentrant checkpointing gives LoRA layers gradients (B8); transformers 5 renamed the fields
         key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
         args.update({key: True, f"{key}_kwargs": {"use_reentrant": False}})
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args["use_cpu"] = True  # without it transformers trains each CPU rank alone instead of data-parallel
     args.update(o.extra_args)
     return TrainingArguments(**args)
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The latest complete checkpoint: one whose trainer state (written last) is there; a kill while a
+    checkpoint was being written leaves one without it, which is skipped."""
     if not Path(output_dir).is_dir():
         return None
-    return get_last_checkpoint(str(output_dir))
+    done = [c for c in Path(output_dir).glob("checkpoint-*")
+            if c.name.split("-")[-1].isdigit() and (c / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda c: int(c.name.split("-")[-1]))) if done else None
 
 
 def train(model: Any, tokenizer: Any, dataset: Any, collator: Any, o: TrainOptions, output_dir: Path, seed: int,
