@@ -39,6 +39,8 @@ class GenParams(BaseModel):
     seed: int | None = None
     # JSON schema the answer must follow; used when the backend offers JSON / guided output.
     json_schema: dict[str, Any] | None = None
+    # The wire form of a request with a schema, set by a backend's ``alternatives`` (None: the backend's default).
+    output_format: Literal["json_schema", "json_object", "text"] | None = None
 
 
 class ModelRequest(BaseModel):
