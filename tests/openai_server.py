@@ -316,9 +316,10 @@ class FakeOpenAI:
                         server.in_flight -= 1
 
             def _upload(self, raw: bytes) -> None:
+                from email import policy
                 from email.parser import BytesParser
 
-                msg = BytesParser().parsebytes(b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n"
+                msg = BytesParser(policy=policy.default).parsebytes(b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n"
                                                + raw)
                 fields = {p.get_param("name", header="content-disposition"): p for p in msg.iter_parts()}
                 data = fields["file"].get_payload(decode=True)

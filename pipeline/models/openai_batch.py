@@ -221,10 +221,13 @@ class _Batches:
         entry = json.loads(self.store.get(BATCH + batch.id) or '{"keys": []}')
         entry.update(state="collected", output=batch.output_file_id, errors=batch.error_file_id)
         self.store.put(BATCH + batch.id, json.dumps(entry))
+        queued = len(todo)
         for line in self._file_lines(batch.output_file_id) + self._file_lines(batch.error_file_id):
             self._item(line, todo)
         self._flush()
-        left = [k for k in entry["keys"] if k in self.by_key and self.by_key[k][0] not in self.done]
+        handled = set(todo[queued:])  # items of this batch already queued for a later one
+        left = [k for k in entry["keys"] if k in self.by_key and self.by_key[k][0] not in self.done
+                and self.by_key[k][0] not in handled]
         reason = f"batch {batch.id} {batch.status}"
         if batch.status == "failed":
             errors = getattr(getattr(batch, "errors", None), "data", None) or []

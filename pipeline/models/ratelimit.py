@@ -82,8 +82,13 @@ class _Announced:
             left = float(remaining)
         except (TypeError, ValueError):
             return False
-        self.remaining = left - held
-        self.reset_at = now + (parse_duration(reset) or 0.0)
+        reset_at = now + (parse_duration(reset) or 0.0)
+        if self.remaining is not None and now < self.reset_at:
+            # The same window: answers arrive out of order, so an older, higher count never raises the estimate.
+            self.remaining = min(self.remaining, left - held)
+            self.reset_at = max(self.reset_at, reset_at)
+        else:
+            self.remaining, self.reset_at = left - held, reset_at
         return True
 
     def wait(self, need: float, now: float) -> float:
