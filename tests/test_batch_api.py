@@ -206,3 +206,106 @@ def test_parse_duration():
 
     assert parse_duration("6m0s") == 360 and parse_duration("1.5s") == 1.5 and parse_duration("20ms") == 0.02
     assert parse_duration("2") == 2 and parse_duration("1h2m3s") == 3723 and parse_duration("soon") is None
+
+
+# ---- through the CLI ----------------------------------------------------------------------------------------
+
+WORDS = "river planet budget violin harbor recipe garden ladder census poetry saddle tunnel magnet orchid".split()
+
+
+def varied(body):  # varied instructions, so that the ROUGE filter keeps most of them
+    import random
+
+    rng = random.Random(json.dumps(body, sort_keys=True))
+    return " Describe the " + " and the ".join(rng.sample(WORDS, 4)) + ".\n5. Explain x."
+
+
+def config(tmp_path, name, url, batch, extra=""):
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(f"""name: {name}
+seed: 3
+run_dir: {tmp_path / name}
+models:
+  m:
+    backend: openai
+    model: fake
+    base_url: {url}
+    max_concurrency: 4
+    backoff_base: 0.01
+    batch: {str(batch).lower()}
+    batch_poll_s: 0.1
+    price: {{input_per_million: 1000, output_per_million: 2000}}{extra}
+stages:
+  seeds: {{path: {ROOT / 'data/seed_tasks.jsonl'}, limit: 12}}
+  generate: {{model: m, target: 10, max_requests: 12, batch_size: 4, instances_style: answer, classify: false}}
+""")
+    return cfg
+
+
+def seedtune(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def stage_files(run):
+    return {f.name: f.read_bytes() for f in sorted((run / "generate").glob("*.jsonl"))}
+
+
+def test_cli_batch_run_equals_direct_run_at_half_the_cost(tmp_path):
+    with FakeOpenAI(answer=varied) as srv:
+        r = seedtune("run", config(tmp_path, "direct", srv.url, False), "--no-progress")
+        assert r.returncode == 0, r.stderr
+        direct_requests = len(srv.log)
+        r = seedtune("run", config(tmp_path, "batched", srv.url, True), "--no-progress")
+        assert r.returncode == 0, r.stderr
+        assert len(srv.log) == direct_requests  # the batched run sent no direct request
+        assert len(srv.batch_items) == direct_requests and srv.batches_created >= 1
+    direct, batched = stage_files(tmp_path / "direct"), stage_files(tmp_path / "batched")
+    assert direct and direct == batched
+    cost = [json.loads((tmp_path / n / "manifest.json").read_text())["stages"]["generate"]["cost_usd"]
+            for n in ("direct", "batched")]
+    assert cost[0] > 0 and cost[1] == pytest.approx(cost[0] / 2)
+
+
+def test_cli_run_killed_while_polling_resumes_the_same_batches(tmp_path):
+    with FakeOpenAI(answer=varied, batch_delay=2.0) as srv:
+        cfg = config(tmp_path, "k", srv.url, True)
+        p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg), "--no-progress"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while srv.batches_created == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert srv.batches_created == 1
+        rows = sqlite3.connect(str(tmp_path / "k" / "journal.sqlite")).execute(
+            "SELECT key, value FROM state WHERE key LIKE 'batch:%'").fetchall()
+        [line] = batches_in_flight(rows)  # journaled before the first poll
+        assert line.startswith("batch_1: ")
+        r = seedtune("run", cfg, "--no-progress")
+        assert r.returncode == 0, r.stderr
+        counts = {}
+        for b in srv.batch_items:
+            key = json.dumps(b, sort_keys=True)
+            counts[key] = counts.get(key, 0) + 1
+        assert set(counts.values()) == {1}  # no request answered twice
+        resumed = [json.dumps(x["body"], sort_keys=True) for x in srv.batches["batch_1"]["_lines"]]
+        assert resumed and all(counts[k] == 1 for k in resumed)  # the batch of the killed run was collected
+        assert srv.batches["batch_1"]["status"] == "completed" and len(srv.log) == 0
+
+
+def test_cli_error_file_items_are_retried_by_a_later_batch(tmp_path):
+    def fault(body, seen):
+        return "500" if seen == 0 and len(json.dumps(body)) % 3 == 0 else None
+
+    with FakeOpenAI(answer=varied, batch_fault_fn=fault) as srv:
+        r = seedtune("run", config(tmp_path, "e", srv.url, True), "--no-progress")
+        assert r.returncode == 0, r.stderr
+        counts = {}
+        for b in srv.batch_items:
+            key = json.dumps(b, sort_keys=True)
+            counts[key] = counts.get(key, 0) + 1
+        retried = [k for k, v in counts.items() if v == 2]
+        assert retried and all(fault(json.loads(k), 0) for k in retried)
+        assert all(v == 1 for k, v in counts.items() if not fault(json.loads(k), 0))
