@@ -251,6 +251,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print("plan:")
     for row in runner.plan():
         print(f"  {row['name']:<16} {row['kind']:<14} {row['action']}")
+    from pipeline.run.estimate import estimate_lines
+
+    print("estimate (worst case):")
+    for line in estimate_lines(config, table):
+        print(line)
     return 0
 
 
