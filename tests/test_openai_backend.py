@@ -261,9 +261,10 @@ def test_identity_covers_every_option_that_reaches_the_wire():
 
     base = identity(Options(model="m", base_url="http://u:pw@h/v1"))
     assert base["base_url"] == "http://h/v1" and "pw" not in json.dumps(base)
-    for change in ({"extra_body": {"top_k": 5}}, {"guided": "guided_json"}, {"json_mode": True}, {"api": "completions"}):
+    for change in ({"extra_body": {"top_k": 5}}, {"guided": "guided_json"}, {"json_mode": True}, {"api": "completions"},
+                   {"tokenizer": "x"}):
         assert identity(Options(model="m", base_url="http://h/v1", **change)) != base, change
-    for same in ({"max_concurrency": 99}, {"timeout": 5}, {"rpm": 10}, {"batch": True}, {"tokenizer": "x"}):
+    for same in ({"max_concurrency": 99}, {"timeout": 5}, {"rpm": 10}, {"batch": True}):
         assert identity(Options(model="m", base_url="http://u:pw@h/v1", **same)) == base, same
 
 
@@ -391,7 +392,7 @@ def test_identity_never_holds_the_key(monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")
     b = create(Options(model="m", api_key_env="MY_KEY"))
     assert b.identity() == {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1", "api": "chat",
-                            "json_mode": "auto", "guided": "none", "extra_body": {}}
+                            "json_mode": "auto", "guided": "none", "extra_body": {}, "tokenizer": None}
     assert "sk-secret" not in json.dumps(b.identity()) + repr(b.options)
     monkeypatch.delenv("OPENAI_BASE_URL")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -542,3 +543,47 @@ stages:
         after = srv.counts()
         assert all(after[k] == 3 for k in failed_bodies)  # sent once more, now answered
         assert all(after[k] == 1 for k in counts if k not in failed_bodies)  # no answered request paid twice
+
+
+def _cli_config(tmp_path, url, model_extra=""):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""name: k
+run_dir: {tmp_path / 'run'}
+models:
+  m: {{backend: openai, model: fake, base_url: {url}{model_extra}}}
+stages:
+  seeds: {{path: {ROOT / 'data/seed_tasks.jsonl'}, limit: 10}}
+  generate: {{model: m, target: 3, max_requests: 4, batch_size: 2, instances_style: answer, classify: false}}
+""")
+    return cfg
+
+
+def _seedtune(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args), "--no-progress"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_adding_extra_body_sends_requests_instead_of_serving_old_answers(tmp_path):
+    with FakeOpenAI() as srv:
+        cfg = _cli_config(tmp_path, srv.url)
+        assert _seedtune("run", cfg).returncode in (0, 4)
+        first = len(srv.log)
+        assert first > 0
+        r = _seedtune("run", cfg, "--set", "models.m.extra_body.top_k=5")
+        assert r.returncode in (0, 4), r.stderr
+        assert len(srv.log) > first and all(b.get("top_k") == 5 for b in srv.log[first:])
+
+
+def test_cli_a_priced_model_without_usage_stops_in_one_line_or_counts_with_its_tokenizer(tmp_path):
+    from tinymodel import tiny_tokenizer
+
+    tok = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(tok)
+    price = ", price: {input_per_million: 1, output_per_million: 2}"
+    with FakeOpenAI(usage=False) as srv:
+        r = _seedtune("run", _cli_config(tmp_path, srv.url, price))
+        assert r.returncode == 2 and "reported no token usage" in r.stderr and "Traceback" not in r.stderr
+        r = _seedtune("run", _cli_config(tmp_path, srv.url, price + f", tokenizer: {tok}"))
+        assert r.returncode in (0, 4), r.stderr
+    gen = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["generate"]
+    assert gen["prompt_tokens"] > 0 and gen["completion_tokens"] > 0 and gen["cost_usd"] > 0

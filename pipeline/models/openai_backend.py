@@ -21,7 +21,6 @@ by ``api_key_env`` and is never stored, logged or part of the identity.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -35,7 +34,8 @@ from pipeline.hashing import strip_credentials
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, GenParams, Message, ModelRequest,
                                   ModelResult, ResultSink, Usage, cut_at_stop, error_line)
 from pipeline.models.ratelimit import RateLimiter, backoff_delay, retry_after_seconds  # noqa: F401 - re-exported
-from pipeline.models.transport import (ERROR_CHARS, aiohttp_transport, cause_chain, dropped_not_timed_out,  # noqa: F401
+from pipeline.models.transport import (ERROR_CHARS, Fatal, FormatRejected, GroupingSink, Retryable,  # noqa: F401
+                                       aiohttp_transport, cause_chain, classify_status, dropped_not_timed_out,
                                        one_line, root_cause, server_message)
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ class Options(BaseModel):
     batch_window: Literal["24h"] = "24h"
 
 
-# Client-side knobs that never change an answer (a batched request is the same request at another price).
+# Client-side knobs that never change an answer (a batched request is the same request at another price). The
+# tokenizer stays in: it fills in the usage journaled with answers from a server that reports none.
 _NOT_IDENTITY = {"base_url", "api_key_env", "max_concurrency", "timeout", "max_attempts", "backoff_base",
-                 "backoff_max", "rpm", "tpm", "tokenizer", "batch", "batch_discount", "batch_poll_s",
+                 "backoff_max", "rpm", "tpm", "batch", "batch_discount", "batch_poll_s",
                  "batch_max_requests", "batch_max_bytes", "batch_window"}
 
 
@@ -145,33 +146,6 @@ def wire(options: Options, req: ModelRequest) -> tuple[str, dict[str, Any]]:
         return "/chat/completions", body
     body["prompt"] = req.prompt if req.prompt is not None else "\n\n".join(m.content for m in req.messages or [])
     return "/completions", body
-
-
-class Retryable(Exception):
-    def __init__(self, kind: str, error: str, retry_after: float | None = None):
-        super().__init__(error)
-        self.kind, self.error, self.retry_after = kind, error, retry_after
-
-
-class Fatal(Exception):
-    """The request itself is wrong, or has no answer to give: retrying cannot help."""
-
-    def __init__(self, kind: str, error: str):
-        super().__init__(error)
-        self.kind, self.error = kind, error
-
-
-class FormatRejected(Exception):
-    """The server rejected the request's ``response_format``."""
-
-
-def classify_status(status: int, message: str, had_response_format: bool) -> Exception:
-    """An HTTP error answer -> FormatRejected | Retryable | Fatal (the server's message kept)."""
-    if had_response_format and "response_format" in message:
-        return FormatRejected(message)
-    if status in (408, 409, 429) or status >= 500:
-        return Retryable(f"http_{status}", message)
-    return Fatal(f"http_{status}", message)
 
 
 def _int(value: Any) -> int:
@@ -428,44 +402,6 @@ class OpenAIBackend:
 
     def close(self) -> None:
         return None
-
-
-class GroupingSink:
-    """Reports results that finish in the same turn of the event loop as one group (one journal transaction).
-
-    A worker awaits its group's report before it takes another request, so when the sink says "no more" (budget)
-    nothing new starts; requests still in flight finish and are reported. After a sink error nothing more is
-    reported (the requests not yet committed are sent again on the next run)."""
-
-    def __init__(self, on_result: ResultSink):
-        self.on_result = on_result
-        self.group: list[tuple] = []
-        self.flushed: asyncio.Future[bool] | None = None
-        self.more = True
-        self.broken = False
-
-    async def report(self, item: tuple) -> bool:
-        if self.broken:
-            return False
-        self.group.append(item)
-        if self.flushed is None:
-            self.flushed = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(self._flush)
-        return await self.flushed
-
-    def _flush(self) -> None:
-        group, done = self.group, self.flushed
-        self.group, self.flushed = [], None
-        assert done is not None
-        try:
-            # Runs in the event loop's thread, which is the thread that called generate().
-            if not self.broken and not self.on_result(group):
-                self.more = False
-        except BaseException as e:  # noqa: BLE001 - handed to every waiting worker
-            self.broken = True
-            done.set_exception(e)
-            return
-        done.set_result(self.more and not self.broken)
 
 
 def create(options: Options) -> OpenAIBackend:

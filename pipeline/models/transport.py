@@ -1,4 +1,5 @@
-"""HTTP client plumbing of the openai backend: the transport, and one short line for each kind of error."""
+"""HTTP client plumbing of the openai backend: the transport, error kinds with one short line each, and the
+grouping of results reported from the event loop."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 from typing import Any
 
 from pipeline.hashing import strip_credentials_in_text
-from pipeline.models.base import error_line
+from pipeline.models.base import ResultSink, error_line
 
 ERROR_CHARS = 500  # the part of a server's message kept (error bodies can be whole HTML pages)
 
@@ -88,3 +89,68 @@ def aiohttp_transport() -> Any:
         return DefaultAioHttpClient()
     except (ImportError, RuntimeError):  # an SDK without it, or aiohttp not installed
         return None
+
+
+class Retryable(Exception):
+    def __init__(self, kind: str, error: str, retry_after: float | None = None):
+        super().__init__(error)
+        self.kind, self.error, self.retry_after = kind, error, retry_after
+
+
+class Fatal(Exception):
+    """The request itself is wrong, or has no answer to give: retrying cannot help."""
+
+    def __init__(self, kind: str, error: str):
+        super().__init__(error)
+        self.kind, self.error = kind, error
+
+
+class FormatRejected(Exception):
+    """The server rejected the request's ``response_format``."""
+
+
+def classify_status(status: int, message: str, had_response_format: bool) -> Exception:
+    """An HTTP error answer -> FormatRejected | Retryable | Fatal (the server's message kept)."""
+    if had_response_format and "response_format" in message:
+        return FormatRejected(message)
+    if status in (408, 409, 429) or status >= 500:
+        return Retryable(f"http_{status}", message)
+    return Fatal(f"http_{status}", message)
+
+
+class GroupingSink:
+    """Reports results that finish in the same turn of the event loop as one group (one journal transaction).
+
+    A worker awaits its group's report before it takes another request, so when the sink says "no more" (budget)
+    nothing new starts; requests still in flight finish and are reported. After a sink error nothing more is
+    reported (the requests not yet committed are sent again on the next run)."""
+
+    def __init__(self, on_result: ResultSink):
+        self.on_result = on_result
+        self.group: list[tuple] = []
+        self.flushed: asyncio.Future[bool] | None = None
+        self.more = True
+        self.broken = False
+
+    async def report(self, item: tuple) -> bool:
+        if self.broken:
+            return False
+        self.group.append(item)
+        if self.flushed is None:
+            self.flushed = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await self.flushed
+
+    def _flush(self) -> None:
+        group, done = self.group, self.flushed
+        self.group, self.flushed = [], None
+        assert done is not None
+        try:
+            # Runs in the event loop's thread, which is the thread that called generate().
+            if not self.broken and not self.on_result(group):
+                self.more = False
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting worker
+            self.broken = True
+            done.set_exception(e)
+            return
+        done.set_result(self.more and not self.broken)
