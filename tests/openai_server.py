@@ -281,6 +281,10 @@ class FakeOpenAI:
                         server._batch_view(b) for b in server.batches.values()]}).encode())
                 if "/batches/" in path and parts[-1] in server.batches:
                     return self._send(200, json.dumps(server._batch_view(server.batches[parts[-1]])).encode())
+                if path.endswith("/stats"):  # for benchmarks in other processes
+                    return self._send(200, json.dumps({"requests": len(server.log), "limited": server.limited,
+                                                       "batches_created": server.batches_created,
+                                                       "batch_items": len(server.batch_items)}).encode())
                 if path.endswith("/models"):
                     self._send(200, json.dumps({"object": "list", "data": [
                         {"id": m, "object": "model", "created": 0, "owned_by": "tests"} for m in server.models]}).encode())
@@ -372,9 +376,13 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     ap.add_argument("--faults", default="", help=f"comma-separated faults for the first requests ({', '.join(FAULTS)})")
     ap.add_argument("--retry-after", type=float, default=0.2)
+    ap.add_argument("--rate-limit", type=int, help="announce and enforce this many requests per --window seconds")
+    ap.add_argument("--window", type=float, default=60.0)
+    ap.add_argument("--batch-delay", type=float, default=0.3, help="seconds until a batch completes")
     args = ap.parse_args()
     srv = FakeOpenAI(latency=args.latency, faults=[f for f in args.faults.split(",") if f], port=args.port,
-                     retry_after=args.retry_after)
+                     retry_after=args.retry_after, batch_delay=args.batch_delay,
+                     rate_limit=(args.rate_limit, args.window) if args.rate_limit else None)
     print(f"serving on {srv.url}", flush=True)
     try:
         srv.httpd.serve_forever()
