@@ -309,3 +309,23 @@ def test_cli_error_file_items_are_retried_by_a_later_batch(tmp_path):
         retried = [k for k, v in counts.items() if v == 2]
         assert retried and all(fault(json.loads(k), 0) for k in retried)
         assert all(v == 1 for k, v in counts.items() if not fault(json.loads(k), 0))
+
+
+def test_the_journaled_client_never_submits_a_batch_whose_worst_case_crosses_the_budget(tmp_path):
+    from pipeline.models import Budget, Price
+    from pipeline.models.base import BudgetExceeded
+    from pipeline.run.client import JournaledClient
+    from pipeline.run.journal import Journal
+    from pipeline.stages.context import StageStats
+
+    # $1 per completion token at list price, $0.5 batched: each request's worst case (max_tokens 5) is $2.50.
+    price = Price(input_per_million=0, output_per_million=1e6)
+    with FakeOpenAI() as srv:
+        journal = Journal(tmp_path / "journal.sqlite")
+        client = JournaledClient("m", backend(srv.url, batch=True, batch_poll_s=0.02), journal, "s", StageStats(),
+                                 price, Budget(max_cost_usd=10.0), show_progress=False)
+        with pytest.raises(BudgetExceeded):
+            client.generate(reqs(10))
+        journal.close()
+        assert len(srv.batch_items) == 4  # 4 x $2.50 fits in $10; a fifth would not
+        assert 0 < client.spent_cost <= 10.0
