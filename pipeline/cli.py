@@ -103,7 +103,17 @@ def _details(run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
         if isinstance(ev, dict) and ev.get("before") and ev.get("after"):
             b, a = ev["before"], ev["after"]
             keys = [k for k in ("validation_loss", "rouge_l", "stop_rate", "general_ppl") if k in b and k in a]
-            out.append(f"{name}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}" for k in keys
+            change = ev.get("change") or {}
+
+            def verdict(k: str) -> str:
+                c = change.get(k)
+                if not isinstance(c, dict):
+                    return ""
+                if not c.get("measurable"):
+                    return f" (no measurable change, n={c.get('n')})"
+                return f" (95% CI of the change {c['low']:+.3f}..{c['high']:+.3f}, n={c.get('n')})"
+
+            out.append(f"{name}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}{verdict(k)}" for k in keys
                                                if isinstance(b[k], (int, float)) and isinstance(a[k], (int, float))))
         for f in st.get("failure_samples") or []:
             kind = "permanent" if f.get("permanent") else "transient"
