@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import UserError
-from pipeline.hashing import strip_credentials
+from pipeline.hashing import redact_secrets, strip_credentials
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, GenParams, Message, ModelRequest,
                                   ModelResult, ResultSink, Usage, cut_at_stop, error_line)
 from pipeline.models.ratelimit import RateLimiter, backoff_delay, retry_after_seconds  # noqa: F401 - re-exported
@@ -93,8 +93,9 @@ def base_url(options: Options) -> str:
 
 def identity(options: Options) -> dict[str, Any]:
     """Static: every option that reaches the wire (the URL without credentials); never a secret."""
-    return {"backend": "openai", **options.model_dump(mode="json", exclude=_NOT_IDENTITY),
-            "base_url": strip_credentials(base_url(options))}
+    ident = {"backend": "openai", **options.model_dump(mode="json", exclude=_NOT_IDENTITY),
+             "base_url": strip_credentials(base_url(options))}
+    return redact_secrets(ident)  # a key in extra_body changes no answer and is never written down
 
 
 def output_formats(options: Options, request: ModelRequest) -> list[str | None]:
@@ -178,7 +179,7 @@ class OpenAIBackend:
         if not key:
             if self.base_url == DEFAULT_BASE_URL:
                 raise BackendUnavailable(
-                    f"model '{self.options.model}' at {self.base_url}: the API key is not set "
+                    f"model '{self.options.model}' at {strip_credentials(self.base_url)}: the API key is not set "
                     f"(environment variable {self.options.api_key_env})")
             key = "EMPTY"  # local servers usually accept any key
         return key
@@ -216,7 +217,8 @@ class OpenAIBackend:
         except Exception as e:  # noqa: BLE001 - one line for the user
             raise BackendUnavailable(f"{self._where()}: {root_cause(e)}") from None
         if served and self.options.model not in served:
-            log.warning("model '%s' is not among the models %s lists (%s)", self.options.model, self.base_url,
+            log.warning("model '%s' is not among the models %s lists (%s)", self.options.model,
+                        strip_credentials(self.base_url),
                         ", ".join(served[:5]) + (", ..." if len(served) > 5 else ""))
         if self.options.json_mode is True and self.options.api == "chat" and not self.options.batch:
             try:
@@ -248,7 +250,8 @@ class OpenAIBackend:
 
     def reject_format(self, fmt: str | None, message: str) -> None:
         if fmt not in self.rejected:
-            log.warning("%s rejected response_format %s (%s); using the next form", self.base_url, fmt, message)
+            log.warning("%s rejected response_format %s (%s); using the next form", strip_credentials(self.base_url),
+                        fmt, message)
             self.rejected[str(fmt)] = message
 
     async def _send(self, client: Any, req: ModelRequest) -> tuple[Any, Any]:
