@@ -15,7 +15,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.errors import UserError
 
-EXIT_USER, EXIT_FAILED, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 1, 3, 130
+EXIT_FAILED, EXIT_USER, EXIT_STOPPED, EXIT_REQUESTS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--until", metavar="STAGE", help="stop after this stage")
     r.add_argument("--from", dest="from_stage", metavar="STAGE", help="recompute from this stage on")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="send again the requests that failed permanently in earlier runs (transient ones always are)")
 
     s = sub.add_parser("status", help="one row per stage of a run")
     s.add_argument("run_dir", help="run directory (or the pipeline's config file)")
@@ -103,7 +105,8 @@ def _details(run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
             out.append(f"{name}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}" for k in keys
                                                if isinstance(b[k], (int, float)) and isinstance(a[k], (int, float))))
         for f in st.get("failure_samples") or []:
-            out.append(f"{name}: failed request ({f['kind']}, {f.get('runs', 1)} run(s)): {f['error']}")
+            kind = "permanent" if f.get("permanent") else "transient"
+            out.append(f"{name}: failed request ({f['kind']}, {kind}): {f['error']}")
         if st.get("error"):
             out.append(f"{name}: {st['error']}")
     for sub in ("export", "model"):
@@ -140,14 +143,55 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=err, flush=True)
 
     runner = Runner(config, table, RunOptions(fresh=args.fresh, until=args.until, from_stage=args.from_stage,
-                                              show_progress=not args.no_progress), events)
+                                              show_progress=not args.no_progress, retry_failed=args.retry_failed),
+                    events)
     print(f"seedtune {__version__}: pipeline '{config.name}' -> {config.run_dir}", file=err)
-    runner.run()
-    manifest = json.loads((config.run_dir / "manifest.json").read_text(encoding="utf-8"))
-    print(stage_table(manifest["stages"]))
-    for line in _details(config.run_dir, manifest["stages"]):
-        print(line)
-    return 0
+    from pipeline.run.runner import AllRequestsFailed
+
+    try:
+        outcomes = runner.run()
+    except AllRequestsFailed as e:
+        _print_run(config.run_dir)
+        print(f"error: {e}", file=err)
+        return EXIT_REQUESTS_FAILED
+    _print_run(config.run_dir)
+    return _failure_summary(outcomes, config.run_dir)
+
+
+def _print_run(run_dir: Path) -> None:
+    from pipeline.run.manifest import read_manifest
+
+    manifest = read_manifest(run_dir)
+    if manifest:
+        print(stage_table(manifest["stages"]))
+        for line in _details(run_dir, manifest["stages"]):
+            print(line)
+
+
+def _failure_summary(outcomes: list, run_dir: Path) -> int:
+    """Exit 0 when no request failed in this run; else one line and exit 4."""
+    ran = [o for o in outcomes if o.state not in ("cached", "restored")]
+    failed = sum(o.stats.get("failures", 0) for o in ran)
+    earlier = sum(o.stats.get("failures_permanent", 0) for o in outcomes if o.state in ("cached", "restored"))
+    if earlier:
+        print(f"note: {earlier} requests failed permanently in earlier runs and are left out "
+              f"(`seedtune status {run_dir}`; --retry-failed sends them again)", file=sys.stderr)
+    if not failed:
+        return 0
+    permanent = sum(o.stats.get("failures_permanent", 0) for o in ran)
+    kinds: dict[str, int] = {}
+    for o in ran:
+        for k, v in (o.stats.get("failure_kinds") or {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+    retry = []
+    if failed - permanent:
+        retry.append(f"{failed - permanent} transient: a re-run retries them")
+    if permanent:
+        retry.append(f"{permanent} permanent: re-sent only with --retry-failed")
+    print(f"completed with {failed} failed requests ({parts}); {'; '.join(retry)}. "
+          f"`seedtune status {run_dir}` lists them", file=sys.stderr)
+    return EXIT_REQUESTS_FAILED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -189,22 +233,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
             except UserError as e:
                 problems.append(f"stage {spec.name}: {e}")
     runner = Runner(config, table)
-    try:
-        for name in config.models:
-            try:
-                runner.backend(name).check()
-                print(f"  model {name} ({config.models[name].backend}): reachable")
-            except BackendUnavailable as e:
-                problems.append(f"model {name}: {e}")
-        if problems:
-            for p in problems:
-                print(f"error: {p}", file=sys.stderr)
-            return EXIT_USER
-        print("plan:")
-        for row in runner.plan():
-            print(f"  {row['name']:<16} {row['kind']:<14} {row['action']}")
-    finally:
-        runner.close()
+    for name in config.models:
+        backend = None
+        try:
+            backend = runner.build_backend(name)
+            backend.check()
+            print(f"  model {name} ({config.models[name].backend}): reachable")
+        except BackendUnavailable as e:
+            problems.append(f"model {name}: {e}")
+        finally:
+            if backend is not None:
+                backend.close()
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return EXIT_USER
+    print("plan:")
+    for row in runner.plan():
+        print(f"  {row['name']:<16} {row['kind']:<14} {row['action']}")
     return 0
 
 

@@ -24,10 +24,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import UserError
+from pipeline.hashing import strip_credentials_in_text
 from pipeline.models import COMMON_KEYS, BACKENDS, Budget, Price, backend_module
 from pipeline.stages import STAGES, stage_module
 
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+STAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 SECRET_KEY_RE = re.compile(r"(api[_-]?key|token|secret|password)$", re.I)
 
 
@@ -66,8 +68,12 @@ class Config:
     seed: int
     models: dict[str, ModelSpec]
     stages: list[StageSpec]
-    as_given: dict[str, Any]  # the file's data before interpolation, with overrides applied
+    as_given: dict[str, Any]  # the file's data before interpolation, with overrides applied, secrets redacted
     overrides: list[str] = field(default_factory=list)
+
+    @property
+    def overrides_redacted(self) -> list[str]:
+        return [redact_override(o) for o in self.overrides]
 
     @property
     def hash(self) -> str:
@@ -162,13 +168,35 @@ def _apply_override(data: dict, expr: str) -> tuple:
 
 
 def redact(data: Any) -> Any:
-    """Drop values of keys that look like secrets (an API key written into the file by mistake)."""
+    """Drop values of keys that look like secrets (an API key written into the file by mistake) and the
+    credentials inside URLs."""
     if isinstance(data, dict):
-        return {k: ("<redacted>" if SECRET_KEY_RE.search(str(k)) and isinstance(v, str) and "${" not in v
-                    else redact(v)) for k, v in data.items()}
+        return {k: ("<redacted>" if SECRET_KEY_RE.search(str(k)) and not _placeholder(v) else redact(v))
+                for k, v in data.items()}
     if isinstance(data, list):
         return [redact(v) for v in data]
+    if isinstance(data, str):
+        return strip_credentials_in_text(data)
     return data
+
+
+def _placeholder(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def redact_override(expr: str) -> str:
+    """``--set a.api_key=sk-...`` -> ``a.api_key=<redacted>``, as the file's own keys are."""
+    dotted, sep, raw = expr.partition("=")
+    last = dotted.strip().split(".")[-1]
+    if sep and SECRET_KEY_RE.search(last) and not _placeholder(raw):
+        return f"{dotted}=<redacted>"
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        return f"{dotted}={json.dumps(redact(value))}"
+    return f"{dotted}{sep}{strip_credentials_in_text(raw)}"
 
 
 def _error_line(errors: list[dict], prefix: tuple, where) -> str:
@@ -261,6 +289,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         fail(("stages",), "no stages given")
     for sname, sdata in top.stages.items():
         loc = ("stages", sname)
+        if not STAGE_NAME_RE.fullmatch(str(sname)):
+            fail(loc, "a stage name is a plain folder name: letters, digits, '_' and '-' (no '/', '.' or '..')")
         sdata = dict(sdata or {})
         kind = sdata.pop("kind", sname)
         if kind not in table:

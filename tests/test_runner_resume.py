@@ -181,7 +181,8 @@ def test_failures_recorded_and_retried(tmp_path):
     run_dir = tmp_path / "run"
     cfg = config(tmp_path, run_dir, count, fail_every=4)
     r = run(cfg)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 4, r.stderr  # completed, with failed requests: said in the exit code and one line
+    assert "transient: a re-run retries them" in r.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     ask = manifest["stages"]["ask"]
     assert ask["state"] == "complete_with_failures" and ask["failures"] > 0
@@ -193,7 +194,7 @@ def test_failures_recorded_and_retried(tmp_path):
     # The next run retries them (the injected failures are deterministic, so they fail again and are re-sent).
     before = len(sent(count))
     r = run(cfg)
-    assert r.returncode == 0
+    assert r.returncode == 4
     assert json.loads((run_dir / "manifest.json").read_text())["stages"]["ask"]["requests_sent"] > 0
     assert len(sent(count)) > before
 

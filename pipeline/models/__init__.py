@@ -2,7 +2,9 @@
 
 Backend modules are imported only when a config names them, so a missing optional package (vLLM) only
 matters to the configs that use it. Each backend module exposes ``Options`` (a pydantic model of its
-settings) and ``create(options) -> Backend``.
+settings), ``identity(options)`` (static: what shapes its answers; never loads a model or opens a connection),
+``create(options) -> Backend``, and optionally ``alternatives(options, request)`` (the wire forms it may send a
+request in, each with its own journal key).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Price(BaseModel):
 
 
 class Budget(BaseModel):
-    """Per-stage limits: the stage stops cleanly when either is reached; a re-run with more continues."""
+    """Limits of one model in each stage that calls it: the stage stops cleanly when either is reached (spent on
+    answers the stage used, earlier runs' included); a re-run with a larger budget continues."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -54,3 +57,13 @@ def backend_module(name: str) -> ModuleType:
 def backend_options(name: str, options: dict[str, Any]) -> BaseModel:
     """Validate a backend's own options (raises pydantic.ValidationError)."""
     return backend_module(name).Options.model_validate(options)
+
+
+def model_identity(name: str, options: BaseModel) -> dict[str, Any]:
+    return backend_module(name).identity(options)
+
+
+def request_forms(name: str, options: BaseModel, request: Any) -> list[Any]:
+    """The request in each wire form the backend may send it (the first is its preference)."""
+    module = backend_module(name)
+    return list(module.alternatives(options, request)) if hasattr(module, "alternatives") else [request]

@@ -39,6 +39,8 @@ class GenParams(BaseModel):
     seed: int | None = None
     # JSON schema the answer must follow; used when the backend offers JSON / guided output.
     json_schema: dict[str, Any] | None = None
+    # The wire form of a request with a schema, set by a backend's ``alternatives`` (None: the backend's default).
+    output_format: Literal["json_schema", "json_object", "text"] | None = None
 
 
 class ModelRequest(BaseModel):
@@ -101,19 +103,32 @@ class Failure(BaseModel):
 
 ModelResult = Union[Completion, Failure]
 
-# Called by a backend with a group of (request index, result) pairs that are committed together.
-# Returning False asks the backend to launch no further requests (e.g. the budget is spent); requests
-# already in flight still finish and are reported.
-ResultSink = Callable[[list[tuple[int, ModelResult]]], bool]
+# Called by a backend with a group of ``(request index, result)`` pairs that are committed together, or
+# ``(request index, result, sent request)`` where the backend sent another wire form of the request (one of its
+# ``alternatives``): the answer is then journaled under the key of the request actually sent. Returning False
+# asks the backend to launch no further requests (e.g. the budget is spent); requests already in flight still
+# finish and are reported.
+ResultSink = Callable[[list[tuple]], bool]
+
+
+class StateStore(Protocol):
+    """Small persistent key/value state of one model (e.g. batch ids), committed at once, kept in the journal."""
+
+    def get(self, key: str) -> str | None: ...
+
+    def put(self, key: str, value: str) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def items(self, prefix: str = "") -> list[tuple[str, str]]: ...
 
 
 class Backend(Protocol):
-    def identity(self) -> dict[str, Any]:
-        """What identifies the model's answers: backend, model name, revision or weight hash, base URL.
+    """A built backend. Its module also exposes ``identity(options)`` (static, no model loaded, no network),
+    ``create(options)``, and optionally ``alternatives(options, request)``."""
 
-        Part of every request key and stage fingerprint. Never contains a secret."""
-
-    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
+    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink,
+                 store: StateStore | None = None) -> None:
         """Answer ``requests``, reporting results through ``on_result`` as they arrive."""
 
     def check(self) -> None:
@@ -145,3 +160,17 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
     """``text`` up to the earliest stop string in it, else None."""
     hits = [text.find(s) for s in stops if s and s in text]
     return text[: min(hits)] if hits else None
+
+
+def release_accelerator_memory() -> None:
+    """After dropping a model: collect it and hand its cached GPU memory back (the next stage may train)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.hashing import strip_credentials
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
                                   Usage, cut_at_stop, error_line, first_line)
 
@@ -147,6 +148,21 @@ def aiohttp_transport() -> Any:
         return None
 
 
+def base_url(options: Options) -> str:
+    return (options.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
+# Client-side knobs that never change an answer.
+_NOT_IDENTITY = {"base_url", "api_key_env", "max_concurrency", "timeout", "max_attempts", "backoff_base",
+                 "backoff_max"}
+
+
+def identity(options: Options) -> dict[str, Any]:
+    """Static: every option that reaches the wire (the URL without credentials); never a secret."""
+    return {"backend": "openai", **options.model_dump(mode="json", exclude=_NOT_IDENTITY),
+            "base_url": strip_credentials(base_url(options))}
+
+
 class OpenAIBackend:
     def __init__(self, options: Options):
         self.options = options
@@ -157,7 +173,7 @@ class OpenAIBackend:
         return (self.options.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "openai", "model": self.options.model, "base_url": self.base_url, "api": self.options.api}
+        return identity(self.options)
 
     def _client(self, timeout: float | None = None):
         from openai import AsyncOpenAI
@@ -335,7 +351,7 @@ class OpenAIBackend:
             for client in clients:
                 await client.close()
 
-    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
+    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink, store: Any = None) -> None:
         if requests:
             asyncio.run(self._run(requests, on_result))
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.models.base import Completion, Failure, ModelRequest, ModelResult, ResultSink, Usage
 
@@ -44,7 +44,9 @@ class Options(BaseModel):
     items_per_list: int = 5  # numbered items written after a prompt that ends on a number
     delay_s: float = 0.0  # sleep per request (lets tests kill a process mid-stage)
     count_file: str | None = None  # append each received request's key here (one line per request)
-    fail_every: int = 0  # fail the request whose hash is divisible by this (0: never)
+    fail_every: int = 0  # a transient failure for the request whose hash is divisible by this (0: never)
+    fail_permanent_every: int = 0  # a permanent failure (as a 400 or a refusal) likewise, on another hash
+    fail_steps: list[str] = Field(default_factory=list)  # only requests whose tag starts with one of these fail (empty: any request)
     batch_size: int = 1  # results are reported in groups of this size
 
 
@@ -98,7 +100,7 @@ class TestBackend:
         self.options = options
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "test", "model": self.options.model, "items_per_list": self.options.items_per_list}
+        return identity(self.options)
 
     def check(self) -> None:
         return None
@@ -117,15 +119,19 @@ class TestBackend:
         if self.options.delay_s:
             time.sleep(self.options.delay_s)
         key = request.key(self.identity())
-        if self.options.fail_every and int(key[:8], 16) % self.options.fail_every == 0:
-            return Failure(error="injected failure", kind="injected")
+        o = self.options
+        if not o.fail_steps or any(request.tag.startswith(s) for s in o.fail_steps):
+            if o.fail_every and int(key[:8], 16) % o.fail_every == 0:
+                return Failure(error="injected failure", kind="injected")
+            if o.fail_permanent_every and int(key[8:16], 16) % o.fail_permanent_every == 0:
+                return Failure(error="injected permanent failure", kind="injected_permanent", permanent=True)
         texts = [answer(request if i == 0 else request.model_copy(update={"tag": f"{request.tag}#{i}"}),
                         self.options) for i in range(request.params.n)]
         usage = Usage(prompt_tokens=len((request.prompt or "").split()) or 1,
                       completion_tokens=sum(len(t.split()) for t in texts))
         return Completion(texts=texts, finish_reasons=["stop"] * len(texts), usage=usage)
 
-    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
+    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink, store: Any = None) -> None:
         bs = max(1, self.options.batch_size)
         for start in range(0, len(requests), bs):
             group = [(i, self._one(requests[i])) for i in range(start, min(start + bs, len(requests)))]
@@ -134,6 +140,11 @@ class TestBackend:
 
     def close(self) -> None:
         return None
+
+
+def identity(options: Options) -> dict[str, Any]:
+    """What shapes the answers; delays, counting and injected failures do not."""
+    return {"backend": "test", "model": options.model, "items_per_list": options.items_per_list}
 
 
 def create(options: Options) -> TestBackend:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.models.base import (BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
+from pipeline.models.base import (release_accelerator_memory, BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
                                   Usage, cut_at_stop, error_line)
 from pipeline.models.loading import load_model_and_tokenizer, resolve_model_path, weights_identity
 
@@ -44,10 +44,7 @@ class TransformersBackend:
 
     def identity(self) -> dict[str, Any]:
         if self._identity is None:
-            o = self.options
-            self._identity = {"backend": "transformers", "model": o.model, "gguf_file": o.gguf_file,
-                              "revision": o.revision, "weights": weights_identity(o.model, o.gguf_file, o.revision),
-                              "dtype": o.dtype}
+            self._identity = identity(self.options)
         return self._identity
 
     def check(self) -> None:
@@ -135,7 +132,7 @@ class TransformersBackend:
             text, reason = cut, "stop"
         return text, reason, len(seq)
 
-    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
+    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink, store: Any = None) -> None:
         bs = max(1, self.options.batch_size)
         # Requests with the same parameters and kind share batches; order stays fixed.
         groups: dict[str, list[int]] = {}
@@ -155,6 +152,7 @@ class TransformersBackend:
 
     def close(self) -> None:
         self._model = None
+        release_accelerator_memory()
 
 
 def stop_criteria(tok: Any, stops: list[str], prompt_len: int) -> Any:
@@ -195,6 +193,13 @@ def _as_list(x: Any) -> list[int]:
     if x is None:
         return []
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def identity(options: Options) -> dict[str, Any]:
+    """Every option shapes the answers (the batch size too: a batch samples with one seed); the weights enter
+    as a content hash, computed without loading them."""
+    return {"backend": "transformers", **options.model_dump(mode="json"),
+            "weights": weights_identity(options.model, options.gguf_file, options.revision)}
 
 
 def create(options: Options) -> TransformersBackend:

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import MissingExtra
-from pipeline.models.base import (BackendUnavailable, Completion, Failure, GenParams, ModelRequest, ModelResult,
+from pipeline.models.base import (release_accelerator_memory, BackendUnavailable, Completion, Failure, GenParams, ModelRequest, ModelResult,
                                   ResultSink, Usage, error_line)
 from pipeline.models.loading import resolve_model_path, weights_identity
 
@@ -95,9 +95,7 @@ class VLLMBackend:
         self._llm = None
 
     def identity(self) -> dict[str, Any]:
-        o = self.options
-        return {"backend": "vllm", "model": o.model, "tokenizer": o.tokenizer, "revision": o.revision,
-                "dtype": o.dtype, "weights": weights_identity(o.model, None, o.revision)}
+        return identity(self.options)
 
     def check(self) -> None:
         _vllm()
@@ -143,7 +141,7 @@ class VLLMBackend:
             return [Failure(error=error, kind="generation_error")] * len(members)
         return [_completion(out) for out in outs]
 
-    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
+    def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink, store: Any = None) -> None:
         vllm = _vllm()
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
@@ -157,6 +155,7 @@ class VLLMBackend:
 
     def close(self) -> None:
         self._llm = None
+        release_accelerator_memory()
 
 
 def _completion(out: Any) -> ModelResult:
@@ -167,6 +166,16 @@ def _completion(out: Any) -> ModelResult:
     usage = Usage(prompt_tokens=len(out.prompt_token_ids or []),
                   completion_tokens=sum(len(c.token_ids or []) for c in out.outputs))
     return Completion(texts=texts, finish_reasons=reasons, usage=usage)
+
+
+# Scheduling knobs that never change an answer (each request carries its own seed).
+_NOT_IDENTITY = {"gpu_memory_utilization", "chunk_size", "enforce_eager"}
+
+
+def identity(options: Options) -> dict[str, Any]:
+    """Static: the options that shape answers and a content hash of the weights; vLLM is not imported."""
+    return {"backend": "vllm", **options.model_dump(mode="json", exclude=_NOT_IDENTITY),
+            "weights": weights_identity(options.model, None, options.revision)}
 
 
 def create(options: Options) -> VLLMBackend:

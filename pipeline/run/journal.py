@@ -2,8 +2,10 @@
 
 sqlite3 in WAL mode. A committed transaction survives the process being killed (SIGKILL, Ctrl-C, a crash);
 ``synchronous=NORMAL`` trades durability across a power loss of the last transactions for speed, which is
-the standard WAL setting. Keys are deterministic (model identity + request), so a re-run finds every answer it
-already paid for. Failures are kept in their own table, never as results, and are retried on the next run.
+the standard WAL setting. Keys are deterministic (model identity + the request as sent), so a re-run finds
+every answer it already paid for. Failures are kept in their own table, never as results: transient ones are
+retried by the next run, permanent ones only with ``--retry-failed``. A small key/value table keeps state a
+stage or backend must find again after a kill (where a late answer joined the pool, a batch id).
 """
 
 from __future__ import annotations
@@ -36,9 +38,19 @@ CREATE TABLE IF NOT EXISTS failures (
     error TEXT NOT NULL,
     attempts INTEGER NOT NULL,
     runs INTEGER NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    permanent INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS state (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (namespace, key)
 );
 """
+
+FAILURE_COLUMNS = ["key", "stage", "model", "kind", "error", "attempts", "runs", "permanent"]
 
 
 @dataclass
@@ -47,6 +59,7 @@ class Entry:
     request_json: str
     result: Completion | Failure
     cost_usd: float = 0.0
+    clears: tuple[str, ...] = ()  # other keys of the same request whose failures an answer settles
 
 
 @dataclass
@@ -63,12 +76,18 @@ class Journal:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(SCHEMA)
+        cols = {r[1] for r in self.conn.execute("PRAGMA table_info(failures)")}
+        if "permanent" not in cols:  # a journal written before failures had a kind
+            self.conn.execute("ALTER TABLE failures ADD COLUMN permanent INTEGER NOT NULL DEFAULT 0")
+
+    def _chunks(self, keys: Sequence[str]) -> Iterable[list[str]]:
+        uniq = list(dict.fromkeys(keys))
+        for i in range(0, len(uniq), 500):
+            yield uniq[i : i + 500]
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Cached]:
         out: dict[str, Cached] = {}
-        uniq = list(dict.fromkeys(keys))
-        for i in range(0, len(uniq), 500):
-            chunk = uniq[i : i + 500]
+        for chunk in self._chunks(keys):
             marks = ",".join("?" * len(chunk))
             for key, result, cost in self.conn.execute(
                 f"SELECT key, result, cost_usd FROM results WHERE key IN ({marks})", chunk
@@ -90,28 +109,54 @@ class Journal:
                         (e.key, stage, model, e.request_json, r.model_dump_json(), r.usage.prompt_tokens,
                          r.usage.completion_tokens, e.cost_usd, now),
                     )
-                    cur.execute("DELETE FROM failures WHERE key = ?", (e.key,))
+                    for k in (e.key, *e.clears):
+                        cur.execute("DELETE FROM failures WHERE key = ?", (k,))
                 else:
                     cur.execute(
-                        "INSERT INTO failures VALUES (?,?,?,?,?,?,1,?) ON CONFLICT(key) DO UPDATE SET "
-                        "kind=excluded.kind, error=excluded.error, attempts=failures.attempts+excluded.attempts, "
-                        "runs=failures.runs+1, updated=excluded.updated",
-                        (e.key, stage, model, r.kind, r.error, r.attempts, now),
+                        "INSERT INTO failures VALUES (?,?,?,?,?,?,1,?,?) ON CONFLICT(key) DO UPDATE SET "
+                        "stage=excluded.stage, kind=excluded.kind, error=excluded.error, "
+                        "attempts=failures.attempts+excluded.attempts, runs=failures.runs+1, "
+                        "updated=excluded.updated, permanent=excluded.permanent",
+                        (e.key, stage, model, r.kind, r.error, r.attempts, now, int(r.permanent)),
                     )
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
 
-    def open_failures(self, stage: str | None = None) -> list[dict]:
-        q = "SELECT key, stage, model, kind, error, attempts, runs FROM failures"
-        rows = self.conn.execute(q + (" WHERE stage = ?" if stage else ""), (stage,) if stage else ()).fetchall()
-        cols = ["key", "stage", "model", "kind", "error", "attempts", "runs"]
-        return [dict(zip(cols, r)) for r in rows]
+    def failures_of(self, keys: Sequence[str]) -> dict[str, dict]:
+        """The recorded failures among ``keys``."""
+        out: dict[str, dict] = {}
+        for chunk in self._chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                f"SELECT {', '.join(FAILURE_COLUMNS)} FROM failures WHERE key IN ({marks})", chunk
+            ):
+                rec = dict(zip(FAILURE_COLUMNS, row))
+                rec["permanent"] = bool(rec["permanent"])
+                out[rec["key"]] = rec
+        return out
 
-    def count_results(self, stage: str | None = None) -> int:
-        q = "SELECT COUNT(*) FROM results" + (" WHERE stage = ?" if stage else "")
-        return self.conn.execute(q, (stage,) if stage else ()).fetchone()[0]
+    def open_failures(self, stage: str | None = None) -> list[dict]:
+        q = f"SELECT {', '.join(FAILURE_COLUMNS)} FROM failures"
+        rows = self.conn.execute(q + (" WHERE stage = ?" if stage else ""), (stage,) if stage else ()).fetchall()
+        return [dict(zip(FAILURE_COLUMNS, r)) | {"permanent": bool(r[-1])} for r in rows]
+
+    # ---- key/value state -----------------------------------------------------------------------------
+    def state_get(self, namespace: str, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM state WHERE namespace = ? AND key = ?", (namespace, key)).fetchone()
+        return row[0] if row else None
+
+    def state_put(self, namespace: str, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO state VALUES (?,?,?,?)", (namespace, key, value, time.time()))
+
+    def state_delete(self, namespace: str, key: str) -> None:
+        self.conn.execute("DELETE FROM state WHERE namespace = ? AND key = ?", (namespace, key))
+
+    def state_items(self, namespace: str, prefix: str = "") -> list[tuple[str, str]]:
+        return list(self.conn.execute(
+            "SELECT key, value FROM state WHERE namespace = ? AND substr(key, 1, ?) = ? ORDER BY key",
+            (namespace, len(prefix), prefix)))
 
     def close(self) -> None:
         self.conn.close()

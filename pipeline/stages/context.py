@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from pipeline.models.base import ModelRequest, ModelResult
+from pipeline.models.base import ModelRequest, ModelResult, StateStore
 from pipeline.records import Rejection, Task, dumps, read_jsonl, write_jsonl
 
 RECORDS_FILE = "records.jsonl"
@@ -44,6 +44,9 @@ class ModelClient(Protocol):
 
     def key(self, request: ModelRequest) -> str:
         """The journal key of ``request`` (record it in provenance)."""
+
+    def lookup(self, requests: Sequence[ModelRequest]) -> list[str]:
+        """Per request, without sending: "answered", "failed", "terminal" or "new"."""
 
     def generate(self, requests: Sequence[ModelRequest], desc: str | None = None) -> list[ModelResult]:
         """Results in request order. Raises ``BudgetExceeded`` when the model's budget is spent."""
@@ -65,8 +68,11 @@ class StageStats:
     completion_tokens: int = 0
     cost_usd: float = 0.0  # of every answer the stage used, earlier runs included
     cost_usd_this_run: float = 0.0
-    failures: int = 0
+    answers: int = 0  # answers the stage used (journaled or new)
+    failures: int = 0  # failed requests, permanent ones included
+    failures_permanent: int = 0
     failure_kinds: Counter = field(default_factory=Counter)
+    failure_samples: list = field(default_factory=list)  # the first few, with their reasons
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -80,8 +86,11 @@ class StageStats:
             "completion_tokens": self.completion_tokens,
             "cost_usd": round(self.cost_usd, 6),
             "cost_usd_this_run": round(self.cost_usd_this_run, 6),
+            "answers": self.answers,
             "failures": self.failures,
+            "failures_permanent": self.failures_permanent,
             "failure_kinds": dict(sorted(self.failure_kinds.items())),
+            "failure_samples": self.failure_samples,
             "metrics": self.metrics,
         }
 
@@ -107,6 +116,7 @@ class StageContext:
     log: logging.Logger
     stats: StageStats = field(default_factory=StageStats)
     show_progress: bool = True
+    store: StateStore | None = None  # the stage's small persistent state (kept in the journal)
     _rejected_file: Any = None
 
     # ---- inputs -------------------------------------------------------------------------------------

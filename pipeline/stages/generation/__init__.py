@@ -1,0 +1,1 @@
+"""The generation algorithms behind the ``generate`` stage, one module each, sharing one online filter."""
