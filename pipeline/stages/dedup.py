@@ -23,6 +23,8 @@ itself only: the seeds are the data, not a pool to compare against.
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -154,7 +156,25 @@ def embedding_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], 
     return out
 
 
+@contextmanager
+def _no_gc():
+    """Pause the cyclic garbage collector: reading and holding thousands of records makes each of its passes
+    walk all of them, about a third of the stage's time; the stage creates no reference cycles to collect."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def run(ctx: StageContext) -> None:
+    with _no_gc():
+        _run(ctx)
+
+
+def _run(ctx: StageContext) -> None:
     o: Options = ctx.options
     seeds_in = seed_pool(ctx, o)
     seeds = list(ctx.read_records(seeds_in)) if seeds_in is not None else []
