@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.hashing import strip_credentials_in_text
 
 EXIT_FAILED, EXIT_USER, EXIT_STOPPED, EXIT_REQUESTS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None, table: dict[str, str] | None = None) -> 
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {strip_credentials_in_text(str(e))}", file=sys.stderr)
         return EXIT_USER
     except Interrupted as e:
         print(f"\ninterrupted in stage '{e.stage}'. Every answer received so far is kept: run the same command "
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None, table: dict[str, str] | None = None) -> 
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, traceback with --debug
         if args.debug:
             traceback.print_exc()
-        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {strip_credentials_in_text(str(e))} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return EXIT_FAILED
 
 
