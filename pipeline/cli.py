@@ -224,7 +224,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(stage_table(manifest["stages"]))
     for line in _details(path, manifest["stages"]):
         print(line)
+    for line in _batches(path):
+        print(line)
     return 0
+
+
+def _batches(run_dir: Path) -> list[str]:
+    """Batches submitted to a Batch API and not yet collected, from the journal's state (read only)."""
+    import sqlite3
+
+    from pipeline.models.openai_batch import batches_in_flight
+
+    db = run_dir / "journal.sqlite"
+    if not db.exists():
+        return []
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute("SELECT namespace, key, value FROM state WHERE namespace LIKE 'model:%' "
+                               "ORDER BY namespace, key").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return []
+    out = []
+    for ns in sorted({r[0] for r in rows}):
+        for line in batches_in_flight([(k, v) for n, k, v in rows if n == ns]):
+            out.append(f"batch in flight ({ns[len('model:'):]}): {line}")
+    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

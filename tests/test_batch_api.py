@@ -283,6 +283,8 @@ def test_cli_run_killed_while_polling_resumes_the_same_batches(tmp_path):
             "SELECT key, value FROM state WHERE key LIKE 'batch:%'").fetchall()
         [line] = batches_in_flight(rows)  # journaled before the first poll
         assert line.startswith("batch_1: ")
+        st = seedtune("status", tmp_path / "k")  # the user sees the batch waiting to be collected
+        assert st.returncode == 0 and "batch in flight (" in st.stdout and "batch_1: " in st.stdout, st.stdout
         r = seedtune("run", cfg, "--no-progress")
         assert r.returncode == 0, r.stderr
         counts = {}
