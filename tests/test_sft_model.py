@@ -89,7 +89,7 @@ def test_packing_refused_where_it_cannot_isolate_examples(tok):
         packing_mode(tiny_seq2seq_lm(tok))
 
 
-def test_accumulation_batch_4_equals_batch_1_times_accumulation_4(tok, tmp_path):
+def test_accumulation_normalisation_batch_4_equals_batch_1_times_accumulation_4(tok, tmp_path):
     rs = rows(tok, 2)[:8]
     results = []
     for bs, acc in [(4, 1), (1, 4)]:
