@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.records import TrainingExample, write_json, write_jsonl
+from pipeline.records import write_json, write_jsonl
 from pipeline.stages import card
 from pipeline.stages.context import StageContext, StageInput
 from pipeline.text.templates import render, template_file
