@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.hashing import strip_credentials_in_text
 
 EXIT_FAILED, EXIT_USER, EXIT_STOPPED, EXIT_REQUESTS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
@@ -102,7 +103,17 @@ def _details(run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
         if isinstance(ev, dict) and ev.get("before") and ev.get("after"):
             b, a = ev["before"], ev["after"]
             keys = [k for k in ("validation_loss", "rouge_l", "stop_rate", "general_ppl") if k in b and k in a]
-            out.append(f"{name}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}" for k in keys
+            change = ev.get("change") or {}
+
+            def verdict(k: str) -> str:
+                c = change.get(k)
+                if not isinstance(c, dict):
+                    return ""
+                if not c.get("measurable"):
+                    return f" (no measurable change, n={c.get('n')})"
+                return f" (95% CI of the change {c['low']:+.3f}..{c['high']:+.3f}, n={c.get('n')})"
+
+            out.append(f"{name}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}{verdict(k)}" for k in keys
                                                if isinstance(b[k], (int, float)) and isinstance(a[k], (int, float))))
         for f in st.get("failure_samples") or []:
             kind = "permanent" if f.get("permanent") else "transient"
@@ -286,7 +297,7 @@ def main(argv: list[str] | None = None, table: dict[str, str] | None = None) -> 
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {strip_credentials_in_text(str(e))}", file=sys.stderr)
         return EXIT_USER
     except Interrupted as e:
         print(f"\ninterrupted in stage '{e.stage}'. Every answer received so far is kept: run the same command "
@@ -301,7 +312,8 @@ def main(argv: list[str] | None = None, table: dict[str, str] | None = None) -> 
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, traceback with --debug
         if args.debug:
             traceback.print_exc()
-        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {strip_credentials_in_text(str(e))} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return EXIT_FAILED
 
 

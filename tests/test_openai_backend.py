@@ -268,7 +268,11 @@ def test_identity_never_holds_the_key(monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-secret-123")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")
     b = create(Options(model="m", api_key_env="MY_KEY"))
-    assert b.identity() == {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1", "api": "chat"}
+    ident = b.identity()
+    assert {k: ident[k] for k in ("backend", "model", "base_url", "api")} == {
+        "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1", "api": "chat"}
+    # Every option that reaches the wire is part of it; client-side knobs are not.
+    assert {"extra_body", "guided", "json_mode"} <= set(ident) and "max_concurrency" not in ident
     assert "sk-secret" not in json.dumps(b.identity()) + repr(b.options)
     monkeypatch.delenv("OPENAI_BASE_URL")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

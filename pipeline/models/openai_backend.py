@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.hashing import strip_credentials
+from pipeline.hashing import redact_secrets, strip_credentials
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
                                   Usage, cut_at_stop, error_line, first_line)
 
@@ -159,8 +159,9 @@ _NOT_IDENTITY = {"base_url", "api_key_env", "max_concurrency", "timeout", "max_a
 
 def identity(options: Options) -> dict[str, Any]:
     """Static: every option that reaches the wire (the URL without credentials); never a secret."""
-    return {"backend": "openai", **options.model_dump(mode="json", exclude=_NOT_IDENTITY),
-            "base_url": strip_credentials(base_url(options))}
+    ident = {"backend": "openai", **options.model_dump(mode="json", exclude=_NOT_IDENTITY),
+             "base_url": strip_credentials(base_url(options))}
+    return redact_secrets(ident)  # a key in extra_body changes no answer and is never written down
 
 
 class OpenAIBackend:
@@ -182,7 +183,7 @@ class OpenAIBackend:
         if not key:
             if self.base_url == DEFAULT_BASE_URL:
                 raise BackendUnavailable(
-                    f"model '{self.options.model}' at {self.base_url}: the API key is not set "
+                    f"model '{self.options.model}' at {strip_credentials(self.base_url)}: the API key is not set "
                     f"(environment variable {self.options.api_key_env})")
             key = "EMPTY"  # local servers usually accept any key
         return AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout or self.options.timeout,
@@ -205,9 +206,9 @@ class OpenAIBackend:
         except BackendUnavailable:
             raise
         except Exception as e:  # noqa: BLE001 - one line for the user
-            raise BackendUnavailable(f"model '{self.options.model}' at {self.base_url}: {root_cause(e)}") from None
+            raise BackendUnavailable(f"model '{self.options.model}' at {strip_credentials(self.base_url)}: {root_cause(e)}") from None
         if served and self.options.model not in served:
-            log.warning("model '%s' is not among the models %s lists (%s)", self.options.model, self.base_url,
+            log.warning("model '%s' is not among the models %s lists (%s)", self.options.model, strip_credentials(self.base_url),
                         ", ".join(served[:5]) + (", ..." if len(served) > 5 else ""))
 
     # ---- one request --------------------------------------------------------------------------------------
@@ -276,7 +277,8 @@ class OpenAIBackend:
             if status == 429 or status == 408 or status >= 500:
                 raise _Retryable(f"http_{status}", msg, retry_after_seconds(e.response.headers)) from None
             if status == 400 and "response_format" in kw and self.options.json_mode == "auto":
-                log.warning("%s rejected response_format (%s); asking for JSON in the prompt only", self.base_url, msg)
+                log.warning("%s rejected response_format (%s); asking for JSON in the prompt only",
+                            strip_credentials(self.base_url), msg)
                 self._json_supported = False
                 return await self._call(client, req)  # at once, without response_format
             raise _Fatal(f"http_{status}", msg) from None
