@@ -259,18 +259,23 @@ def run(ctx: StageContext) -> None:
     ctx.stats.rows_in = len(tasks)
     kept: list[Task] = []
     seen: dict[str, str] = {}
+    duplicates = 0
     for t in tasks:
         if not t.instruction.strip():
             ctx.reject(t, "empty_instruction", "the instruction is empty")
             continue
         key = _norm(t.instruction)
         if key in seen:
-            ctx.log.warning("duplicate instruction in seeds: %s (same as %s)", t.id, seen[key])
+            duplicates += 1
             if options.drop_duplicates:
                 ctx.reject(t, "duplicate_instruction", f"same instruction as {seen[key]}")
                 continue
         seen.setdefault(key, t.id)
         kept.append(t)
+    if duplicates:
+        ctx.log.warning("%d seed tasks repeat an earlier instruction: %s", duplicates,
+                        "dropped (each, with the task it repeats, in rejected.jsonl)" if options.drop_duplicates
+                        else "kept (drop_duplicates: false)")
     ctx.write_records(kept)
     ctx.stats.metrics.update({
         "tasks": len(kept),
