@@ -3,7 +3,9 @@
 Prints requests/s at max_concurrency 1, 8 and 64 and the ratio to the ideal (concurrency / latency), with every
 answer committed to a real journal (sqlite, WAL) through the journaled client, as the runner does, and the
 memory growth of fresh processes running 500, 2,000 and 8,000 requests (flat per request = the backend holds no
-per-request state up front; what grows is the caller's own request and result lists).
+per-request state up front; what grows is the caller's own request and result lists). Then a batch-mode line
+(the same requests through the Batch API: files, batches, polling; cost at the batch discount) and a rate-limited
+line (a server announcing R requests a window in x-ratelimit-* headers and answering 429 beyond: the 429s counted).
     python bench/api_throughput.py [--latency 0.2] [--requests 2000]
 """
 
@@ -35,18 +37,63 @@ def build(n: int, tag: str) -> list[ModelRequest]:
                          params=GenParams(max_tokens=16)) for i in range(n)]
 
 
-def run(url: str, n: int, concurrency: int, tag: str, reqs: list[ModelRequest] | None = None) -> tuple[float, int]:
-    backend = create(Options(model="fake", base_url=url, max_concurrency=concurrency, timeout=30))
+def run(url: str, n: int, concurrency: int, tag: str, reqs: list[ModelRequest] | None = None,
+        **options) -> tuple[float, int, StageStats]:
+    backend = create(Options(model="fake", base_url=url, max_concurrency=concurrency, timeout=30, **options))
     reqs = reqs if reqs is not None else build(n, tag)
+    stats = StageStats()
     with tempfile.TemporaryDirectory() as tmp:
         journal = Journal(Path(tmp) / "journal.sqlite")
-        client = JournaledClient("m", backend, journal, "bench", StageStats(), Price(), Budget(), show_progress=False)
+        client = JournaledClient("m", backend, journal, "bench", stats, PRICE, Budget(), show_progress=False)
         t = time.perf_counter()
         results = client.generate(reqs)
         elapsed = time.perf_counter() - t
         ok = sum(r.status == "ok" for r in results)
         journal.close()
-    return elapsed, ok
+    return elapsed, ok, stats
+
+
+PRICE = Price(input_per_million=0.15, output_per_million=0.6)
+
+
+def serve(*args: str) -> tuple[subprocess.Popen, str]:
+    """The test server in its own process, as a real one would be (in-process it would share the GIL)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def stats(url: str) -> dict:
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(url + "/stats").read())
+
+
+def batch_and_rate_limited(latency: float, n: int) -> None:
+    proc, url = serve("--latency", str(latency), "--batch-delay", "2")
+    try:
+        _, _, direct = run(url, n, 64, "batchcmp")
+        elapsed, ok, batched = run(url, n, 64, "batchcmp2", batch=True, batch_poll_s=0.5)
+        s = stats(url)
+        print(f"batch mode: {n} requests in {elapsed:.1f} s through {s['batches_created']} batch(es) "
+              f"({s['batch_items']} items, {s['requests'] - n} direct requests); {ok} ok; cost ${batched.cost_usd:.6f} "
+              f"vs ${direct.cost_usd:.6f} direct (x{batched.cost_usd / direct.cost_usd:.2f})")
+    finally:
+        proc.terminate()
+        proc.wait()
+    limit, window, m = 200, 2.0, 1000
+    proc, url = serve("--latency", str(latency), "--rate-limit", str(limit), "--window", str(window))
+    try:
+        elapsed, ok, _ = run(url, m, 64, "limited", max_attempts=10, backoff_base=0.05)
+        s = stats(url)
+        print(f"rate-limited: server announces {limit} requests per {window:g} s ({limit / window:.0f}/s); {m} requests "
+              f"at max_concurrency 64 in {elapsed:.1f} s = {m / elapsed:.1f} req/s; {s['limited']} answered 429 "
+              f"({100 * s['limited'] / s['requests']:.1f}% of {s['requests']} sent); {ok} ok")
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def sdk_floor(url: str, n: int, concurrency: int) -> float:
@@ -88,7 +135,7 @@ def memory_child(url: str, n: int) -> None:
     before = rss_mb()
     reqs = build(n, f"mem{n}")
     built = rss_mb()
-    elapsed, ok = run(url, n, 64, f"mem{n}", reqs)
+    elapsed, ok, _ = run(url, n, 64, f"mem{n}", reqs)
     print(json.dumps({"n": n, "before": before, "built": built, "peak": peak_rss_mb(), "ok": ok, "elapsed": elapsed}))
 
 
@@ -96,22 +143,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--only-new", action="store_true", help="only the batch-mode and rate-limited lines")
     ap.add_argument("--memory-child", nargs=2, metavar=("URL", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child[0], int(args.memory_child[1]))
-    # The server runs in its own process, as a real one would (in-process it would share the GIL).
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(port),
-                             "--latency", str(args.latency)], stdout=subprocess.PIPE, text=True)
-    proc.stdout.readline()
-    url = f"http://127.0.0.1:{port}/v1"
+    if args.only_new:
+        return batch_and_rate_limited(args.latency, args.requests)
+    proc, url = serve("--latency", str(args.latency))
     try:
         print(f"server latency {args.latency * 1000:.0f} ms (separate process); every answer committed to a sqlite "
               f"journal through the journaled client")
         for c in (1, 8, 64):
             n = min(args.requests, 100) if c == 1 else args.requests
-            elapsed, ok = run(url, n, c, f"c{c}")
+            elapsed, ok, _ = run(url, n, c, f"c{c}")
             rate = n / elapsed
             ideal = c / args.latency
             note = f"  (only {n} requests at c=1: {args.requests} would take {args.requests * args.latency:.0f} s)" \
@@ -136,6 +181,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait()
+    batch_and_rate_limited(args.latency, args.requests)
 
 
 def free_port() -> int:

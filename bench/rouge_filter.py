@@ -3,7 +3,9 @@
 One run, one seeded candidate list (50,000 instructions from a template grammar, ~30% near-duplicates):
 prints the reference's and seedtune's times at 2,000 and 5,000 candidates, the speed ratio, whether every
 keep/reject decision is identical, seedtune's time at 20,000 and 50,000 with the growth exponent, and
-MinHash-LSH's agreement with the exact mode. The seed pool is ../shared/data/self_instruct_seed_tasks.jsonl
+MinHash-LSH's agreement with the exact mode, and the dedup *stage* end to end as a user runs it (its
+``run(ctx)`` reading the seeds' and the generation stage's ``records.jsonl`` and writing ``records.jsonl`` and
+``rejected.jsonl``) at 5,000 and 20,000 candidates, beside the index alone. The seed pool is ../shared/data/self_instruct_seed_tasks.jsonl
 when present (else data/seed_tasks.jsonl).
 
 The reference is stricter than the originals' own loop (which scores every pool item, Alpaca through a
@@ -11,7 +13,7 @@ process pool, Self-Instruct re-tokenising both sides each time): it tokenises th
 first score > 0.7, so it is *faster* than the originals and the speed-up shown is a lower bound. The reference
 takes about 1 minute at 2,000 and 5 minutes at 5,000 candidates on one core.
 
-    python bench/rouge_filter.py [--quick]
+    python bench/rouge_filter.py [--quick] [--stage-only]
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from rouge_score import rouge_scorer  # noqa: E402
 
+from pipeline.records import Instance, Task, write_jsonl  # noqa: E402
+from pipeline.stages import dedup  # noqa: E402
+from pipeline.stages.context import StageContext, StageInput  # noqa: E402
 from pipeline.text.minhash import MinHashIndex  # noqa: E402
 from pipeline.text.rouge import NearDuplicateIndex  # noqa: E402
 
@@ -182,12 +187,81 @@ def minhash_agreement(cands: list[str], pool: list[str], exact: list[bool]) -> t
     return rejected, found, wrong
 
 
+def stage_files(folder: Path, cands: list[str], pool: list[str]) -> list[StageInput]:
+    """A seeds stage and a generation stage on disk, as the runner leaves them for dedup."""
+    write_jsonl(folder / "seeds" / "records.jsonl",
+                [Task(id=f"seed{i}", instruction=s, instances=[Instance(output="An answer.")], source="seed")
+                 for i, s in enumerate(pool)])
+    write_jsonl(folder / "generate" / "records.jsonl",
+                [Task(id=str(i), instruction=c, instances=[Instance(output="A generated answer of a few words.")],
+                      source="generated") for i, c in enumerate(cands)])
+    return [StageInput("seeds", "seeds", folder / "seeds"), StageInput("generate", "generate", folder / "generate")]
+
+
+def stage(inputs: list[StageInput], folder: Path, n: int, options: dedup.Options) -> list[bool]:
+    """The dedup stage's run(ctx) on files; the keep/drop decision of each candidate, read back from its output."""
+    import logging
+    import shutil
+
+    out = folder / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    ctx = StageContext(name="dedup", kind="dedup", options=options, seed=0, run_dir=folder, out_dir=out,
+                       scratch_dir=folder / "scratch", inputs=inputs, get_model=lambda name: None,
+                       log=logging.getLogger("bench"), show_progress=False)
+    dedup.run(ctx)
+    ctx.close()
+    kept = {json.loads(line)["id"] for line in (out / "records.jsonl").read_text().splitlines()}
+    return [str(i) in kept for i in range(n)]
+
+
+def no_exact_duplicates(cands: list[str]) -> list[str]:
+    """The stage drops exact duplicates (normalised) before ROUGE; keep the first of each for a like-for-like
+    comparison with the reference, which has no such step."""
+    seen: set[str] = set()
+    out = []
+    for c in cands:
+        key = " ".join(c.lower().split())
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def bench_stage(cands: list[str], pool: list[str], sizes: tuple[int, ...], ref_at: int | None) -> None:
+    import tempfile
+
+    print("stage: dedup's run(ctx) on records.jsonl files (read, exact duplicates, ROUGE-L, write records and "
+          "rejections), default options (kept records' nearest approximate), best of 3; index: the same "
+          "candidates through NearDuplicateIndex alone")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            sub = no_exact_duplicates(cands)[:n]
+            folder = Path(tmp) / str(n)
+            inputs = stage_files(folder, sub, pool)
+            got, t_stage = timed(stage, inputs, folder, n, dedup.Options(), repeat=3)
+            idx, t_idx = timed(seedtune, sub, pool, repeat=3)
+            _, t_exact = timed(stage, inputs, folder, n, dedup.Options(exact_nearest=True))
+            line = (f"n={n:>6,}: stage {t_stage:7.3f} s | index alone {t_idx:7.3f} s | stage/index "
+                    f"{t_stage / t_idx:5.2f} | exact_nearest: true {t_exact:6.2f} s | same decisions as the index: "
+                    f"{got == idx}")
+            if n == ref_at:
+                ref, t_ref = timed(reference, sub, pool)
+                line += f" | reference {t_ref:7.1f} s -> stage {t_ref / t_stage:6.0f}x, same decisions: {got == ref}"
+            print(line, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="500/1,000 candidates for the reference, 10,000 at most")
+    ap.add_argument("--stage-only", action="store_true", help="only the stage beside the index (and the reference "
+                    "at 5,000)")
     args = ap.parse_args()
     pool = seeds()
     cands = candidates(50_000, seed=1)
+    if args.stage_only:
+        bench_stage(cands, pool, (1000, 2000) if args.quick else (5000, 20_000), 1000 if args.quick else 5000)
+        return
     vocab = {t for c in cands for t in c.lower().split()}
     print(f"candidates: {len(cands):,} (seeded template grammar, ~30% near-duplicates, {len(vocab):,} distinct "
           f"words), seed pool: {len(pool)} instructions; threshold 0.7")
@@ -221,6 +295,7 @@ def main() -> None:
     rejected, found, wrong = minhash_agreement(cands[:n], pool, exact)
     print(f"minhash against the exact mode's pool: finds {found:,} of {rejected:,} near-duplicates "
           f"({found / max(rejected, 1):.2%} recall), {wrong} wrongly rejected (it cannot: every hit is verified)")
+    bench_stage(cands, pool, (1000, 2000) if args.quick else (5000, 20_000), None)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""SFT throughput, side by side in one run: seedtune's data path vs a Stanford-Alpaca-style baseline.
+"""SFT throughput, side by side in one run: seedtune's data path vs a Stanford-Alpaca-style baseline and TRL.
 
 Same tiny Llama (hidden 256, 4 layers, built offline), same Alpaca-formatted data with varied lengths (the
 Self-Instruct seed tasks from ../shared/data when present, else data/seed_tasks.jsonl), same Trainer,
@@ -9,7 +9,10 @@ batch size and step count. Configurations:
 * ``seedtune`` — :func:`pipeline.training.data.encode_dataset` + right-padding collator + length-grouped
   batches (no packing);
 * ``seedtune+packing`` — the same rows packed with the float 4D block-diagonal mask (or FlashAttention
-  varlen on a GPU that has it); reported separately.
+  varlen on a GPU that has it); reported separately;
+* ``trl`` — TRL's ``SFTTrainer`` on the same examples as a prompt-completion dataset with
+  ``completion_only_loss=True`` (what most users would pick), no packing; its tokenisation happens before
+  the timed part, as the other configurations' does. Needs the ``bench`` extra (``pip install trl``).
 
 Each configuration runs in its own subprocess (so peak memory is its own), twice, alternating; the better
 run counts. Prints trained tokens/s (labels != -100), input tokens/s (non-pad), padding fraction and peak
@@ -30,22 +33,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-CONFIGS = ["baseline", "seedtune", "seedtune+packing"]
+CONFIGS = ["baseline", "seedtune", "seedtune+packing", "trl"]
 
 
 def load_examples(limit: int):
     from pipeline.records import Task
-    from pipeline.stages import template as template_stage
+    from pipeline.training.formats import render_instance
 
     shared = ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
     path = shared if shared.exists() else ROOT / "data" / "seed_tasks.jsonl"
-    o = template_stage.Options()
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         raw = json.loads(line)
         t = Task(id=raw["id"], instruction=raw["instruction"],
                  instances=[{"input": i.get("input", ""), "output": i.get("output", "")} for i in raw["instances"]])
-        out += [template_stage.render_example(t, i, o) for i in range(len(t.instances))]
+        out += [render_instance(t, i, "alpaca") for i in range(len(t.instances))]
     return out[:limit], path
 
 
@@ -95,6 +97,27 @@ class Counting:
         return b
 
 
+def trl_trainer(model, tok, examples, o, max_length: int, out: Path):
+    """TRL's SFTTrainer with the same hyperparameters, on prompt-completion rows (loss on completions only)."""
+    import datasets
+    import torch
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.training.trainer import precision_flags
+
+    ds = datasets.Dataset.from_list([{"prompt": e.prompt, "completion": e.response} for e in examples])
+    flags = precision_flags(o.precision)  # TRL defaults to bf16; the same precision as the others
+    args = SFTConfig(output_dir=str(out), max_steps=o.max_steps, per_device_train_batch_size=o.per_device_batch_size,
+                     learning_rate=o.learning_rate, lr_scheduler_type=o.lr_scheduler, warmup_steps=0,
+                     save_strategy="no", logging_steps=o.logging_steps, report_to="none", seed=0, data_seed=0,
+                     dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True, max_length=max_length, packing=False,
+                     completion_only_loss=True, bf16=flags.get("bf16", False), fp16=flags.get("fp16", False))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def run_one(config: str, steps: int, batch: int, max_length: int) -> dict:
     import datasets
     import torch
@@ -137,8 +160,15 @@ def run_one(config: str, steps: int, batch: int, max_length: int) -> dict:
               o.model_copy(update={"max_steps": 1}), Path(tmp) / "warm", 0)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        _, info = train(model, tok, ds, counting, o, Path(tmp) / "run", 0)
+        if config == "trl":
+            trainer = trl_trainer(model, tok, examples, o, max_length, Path(tmp) / "trl")
+            trainer.data_collator = counting = Counting(trainer.data_collator)
+            t = time.perf_counter()
+            result = trainer.train()
+            info = {"train_loss": result.training_loss}
+        else:
+            t = time.perf_counter()
+            _, info = train(model, tok, ds, counting, o, Path(tmp) / "run", 0)
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
@@ -188,6 +218,10 @@ def main() -> None:
     base = best["baseline"]["trained_tok_s"]
     print(f"seedtune / baseline trained tokens/s: {best['seedtune']['trained_tok_s'] / base:.2f}x (target >= 1.0x); "
           f"with packing: {best['seedtune+packing']['trained_tok_s'] / base:.2f}x")
+    trl = best["trl"]["trained_tok_s"]
+    print(f"seedtune / TRL SFTTrainer (completion-only loss) trained tokens/s: "
+          f"{best['seedtune']['trained_tok_s'] / trl:.2f}x; with packing: "
+          f"{best['seedtune+packing']['trained_tok_s'] / trl:.2f}x; TRL / baseline: {trl / base:.2f}x")
 
 
 if __name__ == "__main__":

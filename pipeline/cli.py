@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.hashing import strip_credentials_in_text
 
 EXIT_FAILED, EXIT_USER, EXIT_STOPPED, EXIT_REQUESTS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
@@ -102,7 +103,17 @@ def _details(run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
         if isinstance(ev, dict) and ev.get("before") and ev.get("after"):
             b, a = ev["before"], ev["after"]
             keys = [k for k in ("validation_loss", "rouge_l", "stop_rate", "general_ppl") if k in b and k in a]
-            out.append(f"{name}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}" for k in keys
+            change = ev.get("change") or {}
+
+            def verdict(k: str) -> str:
+                c = change.get(k)
+                if not isinstance(c, dict):
+                    return ""
+                if not c.get("measurable"):
+                    return f" (no measurable change, n={c.get('n')})"
+                return f" (95% CI of the change {c['low']:+.3f}..{c['high']:+.3f}, n={c.get('n')})"
+
+            out.append(f"{name}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}{verdict(k)}" for k in keys
                                                if isinstance(b[k], (int, float)) and isinstance(a[k], (int, float))))
         for f in st.get("failure_samples") or []:
             kind = "permanent" if f.get("permanent") else "transient"
@@ -213,7 +224,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(stage_table(manifest["stages"]))
     for line in _details(path, manifest["stages"]):
         print(line)
+    for line in _batches(path):
+        print(line)
     return 0
+
+
+def _batches(run_dir: Path) -> list[str]:
+    """Batches submitted to a Batch API and not yet collected, from the journal's state (read only)."""
+    import sqlite3
+
+    from pipeline.models.openai_batch import batches_in_flight
+
+    db = run_dir / "journal.sqlite"
+    if not db.exists():
+        return []
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute("SELECT namespace, key, value FROM state WHERE namespace LIKE 'model:%' "
+                               "ORDER BY namespace, key").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return []
+    out = []
+    for ns in sorted({r[0] for r in rows}):
+        for line in batches_in_flight([(k, v) for n, k, v in rows if n == ns]):
+            out.append(f"batch in flight ({ns[len('model:'):]}): {line}")
+    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -251,6 +289,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print("plan:")
     for row in runner.plan():
         print(f"  {row['name']:<16} {row['kind']:<14} {row['action']}")
+    from pipeline.run.estimate import estimate_lines
+
+    print("estimate (worst case):")
+    for line in estimate_lines(config, table):
+        print(line)
     return 0
 
 
@@ -294,7 +337,7 @@ def _dispatch(args: argparse.Namespace, handlers: dict[str, Any]) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {strip_credentials_in_text(str(e))}", file=sys.stderr)
         return EXIT_USER
     except Interrupted as e:
         print(f"\ninterrupted in stage '{e.stage}'. Every answer received so far is kept: run the same command "
@@ -309,7 +352,8 @@ def _dispatch(args: argparse.Namespace, handlers: dict[str, Any]) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, traceback with --debug
         if args.debug:
             traceback.print_exc()
-        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {strip_credentials_in_text(str(e))} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return EXIT_FAILED
 
 

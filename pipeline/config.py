@@ -24,13 +24,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import UserError
-from pipeline.hashing import strip_credentials_in_text
+from pipeline.hashing import SECRET_KEY_RE, redact_secrets, strip_credentials_in_text
 from pipeline.models import COMMON_KEYS, BACKENDS, Budget, Price, RayOptions, backend_module
 from pipeline.stages import STAGES, stage_module
 
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 STAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-SECRET_KEY_RE = re.compile(r"(api[_-]?key|token|secret|password)$", re.I)
 
 
 class TopLevel(BaseModel):
@@ -172,14 +171,7 @@ def _apply_override(data: dict, expr: str) -> tuple:
 def redact(data: Any) -> Any:
     """Drop values of keys that look like secrets (an API key written into the file by mistake) and the
     credentials inside URLs."""
-    if isinstance(data, dict):
-        return {k: ("<redacted>" if SECRET_KEY_RE.search(str(k)) and not _placeholder(v) else redact(v))
-                for k, v in data.items()}
-    if isinstance(data, list):
-        return [redact(v) for v in data]
-    if isinstance(data, str):
-        return strip_credentials_in_text(data)
-    return data
+    return redact_secrets(data)
 
 
 def _placeholder(value: Any) -> bool:

@@ -100,6 +100,22 @@ def strip_credentials(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+SECRET_KEY_RE = re.compile(r"(api[_-]?key|token|secret|password)$", re.I)
+
+
+def redact_secrets(data: object) -> object:
+    """Values of keys that look like secrets become "<redacted>" (placeholders like ${VAR} stay); URLs lose
+    their credentials. For anything written down: identities, manifests, cards."""
+    if isinstance(data, dict):
+        return {k: ("<redacted>" if SECRET_KEY_RE.search(str(k)) and not (isinstance(v, str) and "${" in v)
+                    else redact_secrets(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact_secrets(v) for v in data]
+    if isinstance(data, str):
+        return strip_credentials_in_text(data)
+    return data
+
+
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 

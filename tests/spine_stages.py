@@ -1,4 +1,4 @@
-"""Stage modules used only by the runner tests (a test double for the generation stages).
+"""Stage modules used only by the runner tests (test doubles for the generation stages).
 
 ``ask``: in rounds, asks the model to continue a numbered list whose examples depend on earlier answers
 (like Self-Instruct's bootstrap), so request i+1 depends on the answer to request i.
@@ -66,3 +66,32 @@ class upper:  # noqa: N801
         ctx.stats.rows_in = len(recs)
         ctx.write_records(t.model_copy(update={"instruction": t.instruction.upper() + ctx.options.suffix})
                           for t in recs)
+
+
+class PairOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    first: str
+    second: str
+    requests: int = 6
+
+
+class pair:  # noqa: N801
+    """Asks two models the same prompts, one request at a time, alternating (for per-model budgets)."""
+
+    Options = PairOptions
+
+    @staticmethod
+    def models(options: PairOptions) -> list[str]:
+        return [options.first, options.second]
+
+    @staticmethod
+    def run(ctx: StageContext) -> None:
+        out = []
+        for i in range(ctx.options.requests):
+            for name in (ctx.options.first, ctx.options.second):
+                req = ModelRequest(prompt=f"Say something about topic {i} 1.", tag=f"{name}:{i}")
+                res = ctx.model(name).generate([req])[0]
+                out.append(Task(id=f"{name}_{i}", instruction=res.texts[0].strip().splitlines()[0],
+                                instances=[Instance(output="x")], source="generated"))
+        ctx.write_records(out)

@@ -1,5 +1,6 @@
-"""Before/after evaluation: loss masking, perplexity, left-padded greedy generation, stop rate, the table,
-and the ``evaluate`` stage end to end (tiny models built offline)."""
+"""Before/after evaluation: loss masking, perplexity, left-padded greedy generation, stop rate, the paired
+bootstrap interval of each change, the table, and the ``evaluate`` stage end to end (tiny models built
+offline)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pipeline.records import TrainingExample  # noqa: E402
 from pipeline.stages import seeds, template  # noqa: E402
 from pipeline.stages.context import StageContext, StageInput  # noqa: E402
 from pipeline.training import evaluation as ev  # noqa: E402
+from pipeline.training import metrics  # noqa: E402
+from pipeline.training.report import render_results_table  # noqa: E402
 from pipeline.training.data import encode_prompt, response_end_ids  # noqa: E402
 
 TEXT = ("The sun warms the oceans and water rises into the air. It cools, forms clouds and falls again as rain. "
@@ -61,6 +64,31 @@ def _opts(tmp_path, **kw) -> ev.EvalOptions:
     return o
 
 
+def _ppl(model, tok, o):
+    return metrics.perplexity(model, tok, TEXT, o.max_general_tokens, o.block_size, o.stride, o.batch_size)
+
+
+def _text_nll(model, tok, o):
+    total, count, _ = metrics.text_nll(model, tok, TEXT, o.max_general_tokens, o.block_size, o.stride, o.batch_size)
+    return total, count
+
+
+def _val_loss(model, tok, examples, o):
+    return metrics.validation_loss(model, tok, examples, o.max_length, o.batch_size)
+
+
+def _gen(model, tok, examples, o):
+    return metrics.generate_ids(model, tok, examples, o.max_new_tokens, o.batch_size)
+
+
+def _evaluate(model, tok, examples, o, label):
+    """Evaluate on the examples, generating for the held-out file the options name (or the examples)."""
+    path = ev.heldout_path(o)
+    tasks = seeds.load_tasks(seeds.Options(path=str(path))) if path else None
+    held = ev.heldout_examples(examples, o, tasks, str(path) if path else None)
+    return ev.evaluate_model(model, tok, examples, *held, o, label)
+
+
 # ---- perplexity --------------------------------------------------------------------------------------------
 
 def _hand_nll(model, ids: list[int]) -> tuple[float, int]:
@@ -75,8 +103,8 @@ def test_perplexity_is_exp_of_mean_token_nll(tok, causal, tmp_path):
     o = _opts(tmp_path, block_size=512, stride=512)
     ids = [tok.bos_token_id] + tok(TEXT, add_special_tokens=False)["input_ids"]
     nll, n = _hand_nll(causal, ids)
-    assert ev.perplexity(causal, tok, TEXT, o) == pytest.approx(math.exp(nll / n), rel=1e-5)
-    total, count = ev.text_nll(causal, tok, TEXT, o)
+    assert _ppl(causal, tok, o) == pytest.approx(math.exp(nll / n), rel=1e-5)
+    total, count = _text_nll(causal, tok, o)
     assert count == n == len(ids) - 1
 
 
@@ -98,16 +126,16 @@ def test_sliding_window_perplexity_scores_each_token_once_with_context(tok, caus
         prev_end = end
         if end == len(ids):
             break
-    got_total, got_count = ev.text_nll(causal, tok, TEXT, o)
+    got_total, got_count = _text_nll(causal, tok, o)
     assert got_count == count == len(ids) - 1
     assert got_total == pytest.approx(total, rel=1e-5)
-    assert ev.perplexity(causal, tok, TEXT, o) == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert _ppl(causal, tok, o) == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
 def test_perplexity_window_is_capped_at_model_positions(tok, tmp_path):
     model = tiny_causal_lm(tok, seed=0)
     model.config.max_position_embeddings = 16
-    assert ev._window(model, _opts(tmp_path, block_size=512)) == 16
+    assert metrics.window(model, 512) == 16
 
 
 # ---- validation loss ---------------------------------------------------------------------------------------
@@ -126,22 +154,22 @@ def test_validation_loss_is_mean_over_response_tokens_only(tok, causal, tmp_path
             all_total, all_count = all_total + nll, all_count + 1
             if k >= len(prompt):
                 total, count = total + nll, count + 1
-    got = ev.validation_loss(causal, tok, examples, _opts(tmp_path, batch_size=3))  # right-padded batch
+    got = _val_loss(causal, tok, examples, _opts(tmp_path, batch_size=3))  # right-padded batch
     assert got == pytest.approx(total / count, rel=1e-5)
     assert got != pytest.approx(all_total / all_count, rel=1e-3)  # the prompt is not scored
-    assert ev.validation_loss(causal, tok, [], _opts(tmp_path)) is None
+    assert _val_loss(causal, tok, [], _opts(tmp_path)) is None
 
 
 def test_validation_loss_same_batched_and_alone(tok, causal, tmp_path):
     examples = _examples()
-    a = ev.validation_loss(causal, tok, examples, _opts(tmp_path, batch_size=5))
-    b = ev.validation_loss(causal, tok, examples, _opts(tmp_path, batch_size=1))
+    a = _val_loss(causal, tok, examples, _opts(tmp_path, batch_size=5))
+    b = _val_loss(causal, tok, examples, _opts(tmp_path, batch_size=1))
     assert a == pytest.approx(b, rel=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["alpaca", "chat"])
 def test_eval_prompt_is_the_training_prompt_with_one_bos(tok, fmt):
-    """B4: the prompt evaluation generates from is token-identical to the prompt part of the training row."""
+    """template-drift: the prompt evaluation generates from is token-identical to the training row's prompt."""
     from pipeline.training.data import encode_example
 
     for e in _examples(fmt):
@@ -159,8 +187,8 @@ def test_eval_prompt_is_the_training_prompt_with_one_bos(tok, fmt):
 def test_left_padded_batched_generation_equals_one_at_a_time(tok, causal, tmp_path, fmt):
     examples = _examples(fmt)
     assert len({len(encode_prompt(tok, e)) for e in examples}) > 1  # the batch really is padded
-    batched = ev.generate_ids(causal, tok, examples, _opts(tmp_path, batch_size=5, max_new_tokens=10))
-    alone = ev.generate_ids(causal, tok, examples, _opts(tmp_path, batch_size=1, max_new_tokens=10))
+    batched = _gen(causal, tok, examples, _opts(tmp_path, batch_size=5, max_new_tokens=10))
+    alone = _gen(causal, tok, examples, _opts(tmp_path, batch_size=1, max_new_tokens=10))
     assert batched == alone
     assert all(len(ids) == 10 for ids, stopped in batched if not stopped)
 
@@ -180,12 +208,12 @@ def test_stop_rate_tells_a_stopping_model_from_one_that_never_stops(tok, causal,
     end = tok.convert_tokens_to_ids("<|im_end|>") if fmt == "chat" else tok.eos_token_id
     handle = _bias(causal, [end], 1e4)
     try:
-        stops = ev.evaluate_model(causal, tok, examples, o, "stops")
+        stops = _evaluate(causal, tok, examples, o, "stops")
     finally:
         handle.remove()
     handle = _bias(causal, response_end_ids(tok), -1e4)
     try:
-        never = ev.evaluate_model(causal, tok, examples, o, "never")
+        never = _evaluate(causal, tok, examples, o, "never")
     finally:
         handle.remove()
     assert stops["stop_rate"] == 1.0 and stops["mean_new_tokens"] == 0
@@ -195,11 +223,11 @@ def test_stop_rate_tells_a_stopping_model_from_one_that_never_stops(tok, causal,
 
 def test_rouge_l_scores_answers_against_references(tok, causal, tmp_path, monkeypatch):
     examples = _examples()
-    monkeypatch.setattr(ev, "generate_ids", lambda m, t, exs, o: [
+    monkeypatch.setattr(metrics, "generate_ids", lambda m, t, exs, n, b: [
         (t(e.response, add_special_tokens=False)["input_ids"], True) for e in exs])
-    perfect = ev.evaluate_model(causal, tok, examples, _opts(tmp_path), "copy")
+    perfect = _evaluate(causal, tok, examples, _opts(tmp_path), "copy")
     assert perfect["rouge_l"] == pytest.approx(1.0)
-    assert ev.rouge_l("a b c d", "a b x d") == pytest.approx(0.75)
+    assert metrics.rouge_l("a b c d", "a b x d") == pytest.approx(0.75)
 
 
 # ---- held-out instructions ---------------------------------------------------------------------------------
@@ -215,26 +243,28 @@ def _heldout_file(path):
 def test_heldout_file_is_rendered_in_the_training_format(tmp_path):
     path = _heldout_file(tmp_path / "heldout.jsonl")
     o = _opts(tmp_path, heldout=str(path), max_examples=5)
-    alpaca, src = ev.heldout_examples(_examples("alpaca"), o)
+    tasks = seeds.load_tasks(seeds.Options(path=str(path)))
+    alpaca, src = ev.heldout_examples(_examples("alpaca"), o, tasks, str(path))
     assert src == str(path) and len(alpaca) == 5
     assert all(e.prompt.endswith("### Response:\n") for e in alpaca)
     assert {e.task_id for e in alpaca} <= {"h0", "h1", "h2", "h3"}
-    tasks = seeds.load_tasks(seeds.Options(path=str(path)))
     rendered = {template.render_example(t, i, template.Options(format="alpaca")).id: t.instances[i].output
                 for t in tasks for i in range(len(t.instances))}
     assert all(rendered[e.id] == e.response for e in alpaca)  # the template stage's own rendering
-    again, _ = ev.heldout_examples(_examples("alpaca"), o)
+    again, _ = ev.heldout_examples(_examples("alpaca"), o, tasks, str(path))
     assert again == alpaca  # seeded choice
-    chat, _ = ev.heldout_examples(_examples("chat"), o)
+    chat, _ = ev.heldout_examples(_examples("chat"), o, tasks, str(path))
     assert all(e.messages and e.messages[-1]["role"] == "assistant" for e in chat)
     assert [e.id for e in chat] == [e.id for e in alpaca]
     with pytest.raises(UserError, match="heldout"):
-        ev.heldout_examples([], _opts(tmp_path, heldout=str(tmp_path / "missing.jsonl")))
+        ev.heldout_path(_opts(tmp_path, heldout=str(tmp_path / "missing.jsonl")))
 
 
 def test_without_heldout_file_the_validation_split_is_used(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "DEFAULT_HELDOUT", tmp_path / "absent.jsonl")
-    held, src = ev.heldout_examples(_examples(), _opts(tmp_path, max_examples=3))
+    o = _opts(tmp_path, max_examples=3)
+    assert ev.heldout_path(o) is None
+    held, src = ev.heldout_examples(_examples(), o, None)
     assert src == "validation" and len(held) == 3
 
 
@@ -243,25 +273,25 @@ def test_without_heldout_file_the_validation_split_is_used(tmp_path, monkeypatch
 def test_seq2seq_model_evaluates(tok, seq2seq, tmp_path):
     examples = _examples()
     o = _opts(tmp_path, block_size=32)
-    r = ev.evaluate_model(seq2seq, tok, examples, o, "t5")
+    r = _evaluate(seq2seq, tok, examples, o, "t5")
     assert math.isfinite(r["validation_loss"]) and r["validation_loss"] > 0
     assert math.isfinite(r["general_ppl"]) and r["general_ppl"] > 1
     assert r["general_tokens"] == len(tok(TEXT, add_special_tokens=False)["input_ids"])
     assert 0 <= r["rouge_l"] <= 1 and r["stop_rate"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    alone = ev.generate_ids(seq2seq, tok, examples, _opts(tmp_path, batch_size=1))
-    assert ev.generate_ids(seq2seq, tok, examples, _opts(tmp_path, batch_size=5)) == alone
+    alone = _gen(seq2seq, tok, examples, _opts(tmp_path, batch_size=1))
+    assert _gen(seq2seq, tok, examples, _opts(tmp_path, batch_size=5)) == alone
     handle = _bias(seq2seq, [tok.eos_token_id], 1e4)
     try:
-        assert ev.evaluate_model(seq2seq, tok, examples, o, "t5")["stop_rate"] == 1.0
+        assert _evaluate(seq2seq, tok, examples, o, "t5")["stop_rate"] == 1.0
     finally:
         handle.remove()
 
 
 def test_evaluation_is_deterministic_and_keeps_training_mode(tok, causal, tmp_path):
     causal.train()
-    a = ev.evaluate_model(causal, tok, _examples(), _opts(tmp_path), "x")
+    a = _evaluate(causal, tok, _examples(), _opts(tmp_path), "x")
     assert causal.training
-    b = ev.evaluate_model(causal, tok, _examples(), _opts(tmp_path), "x")
+    b = _evaluate(causal, tok, _examples(), _opts(tmp_path), "x")
     assert a == b
     causal.eval()
 
@@ -274,7 +304,7 @@ def test_results_table_shows_before_after_change_and_forgetting():
               "general_tokens": 100}
     after = {**before, "label": "tuned", "validation_loss": 2.0, "rouge_l": 0.4, "stop_rate": 1.0,
              "general_ppl": 22.0}
-    table = ev.render_results_table(before, after)
+    table = render_results_table(before, after)
     lines = table.splitlines()
     assert lines[0].startswith("| metric | base | tuned | change |")
     row = next(x for x in lines if x.startswith("| validation loss"))
@@ -283,8 +313,8 @@ def test_results_table_shows_before_after_change_and_forgetting():
     ppl = next(x for x in lines if x.startswith("| perplexity on general text"))
     assert "20.00" in ppl and "22.00" in ppl and "+10.0%" in ppl
     assert "rose by 10.0%" in table and "lost some general knowledge" in table
-    assert "none measured" in ev.render_results_table(before, {**after, "general_ppl": 19.0})
-    missing = ev.render_results_table({"label": "base"}, {"label": "tuned", "rouge_l": None})
+    assert "none measured" in render_results_table(before, {**after, "general_ppl": 19.0})
+    missing = render_results_table({"label": "base"}, {"label": "tuned", "rouge_l": None})
     assert "not measured" in missing and "| – | – | – |" in missing
 
 
@@ -315,7 +345,8 @@ def test_evaluate_stage_end_to_end(tmp_path):
     text.write_text(TEXT, encoding="utf-8")
     o = evaluate.Options(base_model=str(base), heldout=str(heldout), general_text=str(text), max_new_tokens=4,
                          max_examples=3)
-    assert set(map(str, evaluate.dependencies(o))) == {str(text), str(heldout)}
+    deps = set(map(str, evaluate.dependencies(o)))
+    assert {str(text), str(heldout)} <= deps and any(d.endswith("results_table.md.j2") for d in deps)
     ctx = _ctx(tmp_path, o, [StageInput("export", "export", export), StageInput("model", "sft", tuned)])
     evaluate.run(ctx)
 
@@ -323,21 +354,25 @@ def test_evaluate_stage_end_to_end(tmp_path):
     before, after = results["before"], results["after"]
     assert before["label"] == "base" and after["label"] == "tuned"
     assert before["n_examples"] == after["n_examples"] == 3  # the export stage's validation split
-    assert before["n_generated"] == 3 and before["heldout_source"] == str(heldout)
+    assert before["n_generated"] == 3 and before["heldout_source"] == "../heldout.jsonl"  # from the run folder
     assert before["general_ppl"] != after["general_ppl"]  # two different models
     readme = (ctx.out_dir / "README.md").read_text()
-    assert "| metric | base | tuned | change | note |" in readme and "Forgetting" in readme
+    assert "| metric | base | tuned | change | 95% interval of the change | n | note |" in readme
+    assert "Forgetting" in readme and str(tmp_path) not in readme  # no absolute local paths
     assert len((ctx.out_dir / "generations.jsonl").read_text().splitlines()) == 6
     m = ctx.stats.metrics["evaluation"]
     assert m["before"]["general_ppl"] == before["general_ppl"] and "samples" not in m["after"]
+    assert "units" not in m["after"] and set(m["change"]) == {"validation_loss", "rouge_l", "stop_rate",
+                                                              "general_ppl"}
+    assert m["change"]["rouge_l"]["n"] == 3 and m["change"]["validation_loss"]["n"] == 3
     assert ctx.stats.rows_in == 3
 
     # the same models evaluated directly give the same numbers (same code path as the sft stage)
     from pipeline.models.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(tuned))
-    direct = ev.evaluate_model(model, tok, [TrainingExample.model_validate(r) for r in rows[2:]],
-                               evaluate.eval_options(o), "tuned")
+    direct = _evaluate(model, tok, [TrainingExample.model_validate(r) for r in rows[2:]], evaluate.eval_options(o),
+                       "tuned")
     assert direct["general_ppl"] == pytest.approx(after["general_ppl"], rel=1e-6)
     assert direct["validation_loss"] == pytest.approx(after["validation_loss"], rel=1e-6)
 
@@ -366,3 +401,59 @@ def test_evaluate_stage_reads_template_records_and_needs_a_tuned_model(tmp_path)
     ev_ = ctx3.stats.metrics["evaluation"]
     assert ev_["before"]["general_ppl"] == pytest.approx(ev_["after"]["general_ppl"])  # same weights
     assert ev_["before"]["n_examples"] == 1
+
+
+# ---- error bars --------------------------------------------------------------------------------------------
+
+def test_paired_bootstrap_tells_a_real_change_from_noise():
+    import random
+
+    rng = random.Random(0)
+    before = [rng.random() for _ in range(40)]
+    shifted = [b + 0.2 + rng.gauss(0, 0.01) for b in before]  # every example better by about 0.2
+    c = ev.metric_change("mean", before, shifted, seed=0)
+    assert c["n"] == 40 and c["delta"] == pytest.approx(0.2, abs=0.01)
+    assert 0 < c["low"] < c["delta"] < c["high"] and c["measurable"]
+    noise = [b + rng.gauss(0, 0.2) for b in before]  # unpaired noise, no shift
+    c = ev.metric_change("mean", before, noise, seed=0)
+    assert c["low"] < 0 < c["high"] and not c["measurable"]
+    assert ev.metric_change("mean", before, noise, seed=0) == c  # seeded
+    # pairing: a constant shift under large between-example spread is still measurable
+    wide = [rng.gauss(0, 5) for _ in range(20)]
+    assert ev.metric_change("mean", wide, [w + 0.1 for w in wide], seed=1)["measurable"]
+    # ratio metrics resample (nll, tokens) pairs; too few units give no interval
+    ratio = ev.metric_change("ratio", [(2.0, 1), (4.0, 2)], [(1.0, 1), (2.0, 2)], seed=0)
+    assert ratio["delta"] == pytest.approx(1.0 - 2.0)
+    one = ev.metric_change("mean", [0.5], [1.0], seed=0)
+    assert one["n"] == 1 and one["low"] is None and not one["measurable"]
+    assert ev.metric_change("mean", [], [], seed=0)["delta"] is None
+
+
+def test_table_says_no_measurable_change_where_the_interval_includes_zero():
+    before = {"label": "base", "rouge_l": 0.20, "stop_rate": 0.5, "general_ppl": 20.0, "validation_loss": 2.0,
+              "units": {"rouge_l": [0.1, 0.3, 0.2, 0.2], "stop_rate": [0, 1, 0, 1],
+                        "general_ppl": [[30.0, 10], [29.0, 10]], "validation_loss": [[2.0, 1], [2.0, 1]]}}
+    after = {"label": "tuned", "rouge_l": 0.225, "stop_rate": 1.0, "general_ppl": 21.0, "validation_loss": 1.0,
+             "units": {"rouge_l": [0.3, 0.1, 0.2, 0.3], "stop_rate": [1, 1, 1, 1],
+                       "general_ppl": [[30.5, 10], [29.0, 10]], "validation_loss": [[1.0, 1], [1.0, 1]]}}
+    change = ev.compare(before, after, seed=0)
+    assert not change["rouge_l"]["measurable"] and change["rouge_l"]["n"] == 4
+    assert change["validation_loss"]["measurable"] and change["validation_loss"]["high"] < 0
+    lines = render_results_table(before, after, change).splitlines()
+    rouge = next(x for x in lines if x.startswith("| ROUGE-L"))
+    assert "no measurable change" in rouge and "| 4 |" in rouge
+    loss = next(x for x in lines if x.startswith("| validation loss"))
+    assert "no measurable change" not in loss and "-1.0000 … -1.0000" in loss
+
+
+def test_evaluation_result_carries_units_paired_across_models(tok, causal, tmp_path):
+    o = _opts(tmp_path, max_examples=4, block_size=16, stride=8)
+    a = _evaluate(causal, tok, _examples(), o, "a")
+    b = _evaluate(tiny_causal_lm(tok, seed=3), tok, _examples(), o, "b")
+    for key in ("validation_loss", "rouge_l", "stop_rate", "general_ppl"):
+        assert len(a["units"][key]) == len(b["units"][key]) > 1
+    nll, n = map(sum, zip(*a["units"]["general_ppl"]))
+    assert math.exp(nll / n) == pytest.approx(a["general_ppl"], rel=1e-6)
+    c = ev.compare(a, b, seed=0)
+    assert c["general_ppl"]["delta"] == pytest.approx(b["general_ppl"] - a["general_ppl"], rel=1e-6)
+    assert "units" not in ev.summary(a) and "samples" not in ev.summary(a)

@@ -128,10 +128,10 @@ def brute_best(text: str, pool: list[Task]) -> tuple[float, str | None]:
     return best, key
 
 
-@pytest.mark.parametrize("mode", ["exact", "minhash"])
-def test_dedup_exact_and_near_duplicates_against_seeds(tmp_path, mode):
+@pytest.mark.parametrize("mode,exact_nearest", [("exact", True), ("exact", False), ("minhash", False)])
+def test_dedup_exact_and_near_duplicates_against_seeds(tmp_path, mode, exact_nearest):
     inputs = [stage_dir(tmp_path, "seeds", SEEDS), stage_dir(tmp_path, "generate", GENERATED)]
-    kept, rejected, stats = run_stage(tmp_path, dedup, dedup.Options(mode=mode), inputs)
+    kept, rejected, stats = run_stage(tmp_path, dedup, dedup.Options(mode=mode, exact_nearest=exact_nearest), inputs)
     assert [t.id for t in kept] == ["g1", "g4", "g5"]
     rules = {record_id(r): r.rule for r in rejected}
     assert rules == {"g0": "rouge_near_duplicate", "g2": "exact_duplicate", "g3": "rouge_near_duplicate",
@@ -139,11 +139,12 @@ def test_dedup_exact_and_near_duplicates_against_seeds(tmp_path, mode):
     near = {record_id(r): r for r in rejected if r.rule == "rouge_near_duplicate"}
     assert near["g0"].record["meta"]["rouge_nearest"] == "seed_0" and "seed_0" in near["g0"].reason
     assert near["g3"].record["meta"]["rouge_nearest"] == "g1"
-    # every record carries its nearest kept instruction and the exact score (exact mode: also kept ones)
+    # every rejection carries its exact nearest kept instruction and score; a kept one the exact nearest with
+    # exact_nearest, else a lower bound (the best among the items that could have come close)
     pool = list(SEEDS)
     for t in kept:
         score, key = brute_best(t.instruction, pool)
-        if mode == "exact":
+        if exact_nearest:
             assert t.meta["rouge_score"] == round(score, 6) and t.meta["rouge_nearest"] == key
         else:
             assert t.meta["rouge_score"] <= round(score, 6)
@@ -245,3 +246,34 @@ def test_clean_a_file_through_the_runner(tmp_path):
         assert sum(st["rejected"].values()) == st["rejected_total"] == len(lines), name
     assert manifest["filter"]["rejected_total"] > len(recs) - len(good)  # instance drops + the tasks they empty
     assert manifest["dedup"]["rows_in"] == len(good)
+
+
+def test_cleaning_an_alpaca_file_keeps_its_records_through_the_cli(tmp_path):
+    """seeds -> filter -> dedup on an Alpaca file: the seeds are the data, never a pool it is compared with,
+    so no record is dropped as a near-duplicate of itself."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cfg = tmp_path / "clean.yaml"
+    cfg.write_text(f"name: clean\nrun_dir: {run}\nstages:\n  seeds: {{path: {ROOT / 'data/alpaca_sample.json'}}}\n"
+                   f"  filter: {{}}\n  dedup: {{}}\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg), "--no-progress"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    filtered = list(read_jsonl(run / "filter" / RECORDS_FILE, Task))
+    kept = list(read_jsonl(run / "dedup" / RECORDS_FILE, Task))
+    assert len(filtered) >= 15 and [t.id for t in kept] == [t.id for t in filtered]
+    assert not (run / "dedup" / REJECTED_FILE).exists()
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["dedup"]
+    assert stage["metrics"]["pool_seeds"] == 0 and stage["rejected_total"] == 0
+
+
+def test_dedup_compares_with_the_seeds_only_after_a_generation_stage(tmp_path):
+    seeds = stage_dir(tmp_path, "seeds", SEEDS)
+    gen = StageInput(name="gen", kind="generate", dir=stage_dir(tmp_path, "gen", GENERATED).dir)
+    filt = StageInput(name="clean", kind="filter", dir=stage_dir(tmp_path, "clean", GENERATED).dir)
+    kept, _, stats = run_stage(tmp_path, dedup, dedup.Options(), [seeds, gen, filt], name="d1")
+    assert stats.metrics["pool_seeds"] == 2 and "g0" not in {t.id for t in kept}  # g0 repeats seed_0
+    kept, _, stats = run_stage(tmp_path, dedup, dedup.Options(), [seeds, filt], name="d2")
+    assert stats.metrics["pool_seeds"] == 0 and "g0" in {t.id for t in kept}

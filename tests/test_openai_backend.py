@@ -31,9 +31,18 @@ def reqs(n, chat=True, **params):
             if chat else ModelRequest(prompt=f"q{i}", params=p) for i in range(n)]
 
 
-def collect(b, requests):
+def collect(b, requests, sent=None):
+    """Run ``requests``; the results in order (``sent``, a dict, gets the form each was sent in)."""
     got = {}
-    b.generate(requests, lambda group: got.update(group) or True)
+
+    def sink(group):
+        for item in group:
+            got[item[0]] = item[1]
+            if sent is not None:
+                sent[item[0]] = item[2] if len(item) > 2 else requests[item[0]]
+        return True
+
+    b.generate(requests, sink)
     assert sorted(got) == list(range(len(requests)))
     return [got[i] for i in range(len(requests))]
 
@@ -143,22 +152,136 @@ def test_json_schema_becomes_response_format():
         assert rf["json_schema"]["schema"]["properties"]["items"] == {"type": "array", "items": {"type": "string"}}
 
 
-def test_json_mode_auto_falls_back_when_the_server_rejects_response_format():
-    schema = {"type": "array"}
-    with FakeOpenAI(reject_response_format=True) as srv:
-        results = collect(backend(srv.url, max_concurrency=1, max_attempts=1),
-                          [ModelRequest(messages=[Message(role="user", content=f"l{i}")], params=GenParams(
-                              json_schema=schema)) for i in range(3)])
+SCHEMA = {"type": "array", "items": {"type": "string"}}
+
+
+def schema_reqs(n):
+    return [ModelRequest(messages=[Message(role="user", content=f"l{i}")], params=GenParams(json_schema=SCHEMA))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("status", [400, 500])  # llama.cpp's server answers a json_schema request with a 500
+def test_json_mode_auto_falls_back_form_by_form_on_errors_that_name_response_format(status):
+    """json_schema, then json_object with the schema (llama.cpp's form), then text; remembered for the run, and
+    each answer reported with the request actually sent (the client journals it under that key)."""
+    with FakeOpenAI(reject_formats={"json_schema"}, reject_status=status) as srv:
+        sent = {}
+        results = collect(backend(srv.url, max_concurrency=1, max_attempts=1), schema_reqs(3), sent)
         assert all(isinstance(r, Completion) for r in results)
-        assert ["response_format" in b for b in srv.log] == [True, False, False, False]
-    with FakeOpenAI(reject_response_format=True) as srv:  # json_mode: true insists, and fails
-        [res] = collect(backend(srv.url, json_mode=True),
-                        [ModelRequest(messages=[Message(role="user", content="l")], params=GenParams(json_schema=schema))])
-        assert isinstance(res, Failure) and res.kind == "http_400"
+        assert [(b.get("response_format") or {}).get("type") for b in srv.log] == [
+            "json_schema", "json_object", "json_object", "json_object"]
+        assert srv.log[1]["response_format"]["schema"]["properties"]["items"] == SCHEMA
+        assert [s.params.output_format for s in sent.values()] == ["json_object"] * 3
+    with FakeOpenAI(reject_formats=True, reject_status=status) as srv:  # auto ends at plain text
+        sent = {}
+        collect(backend(srv.url, max_concurrency=1, max_attempts=1), schema_reqs(2), sent)
+        assert ["response_format" in b for b in srv.log] == [True, True, False, False]
+        assert [s.params.output_format for s in sent.values()] == ["text", "text"]
+
+
+def test_json_mode_true_uses_the_best_structured_form_and_fails_in_one_line_without_one():
+    from pipeline.errors import UserError
+
+    with FakeOpenAI(reject_formats={"json_schema"}, reject_status=500) as srv:
+        b = backend(srv.url, json_mode=True)
+        b.check()  # the probe finds json_object
+        assert srv.log[-1]["response_format"]["type"] == "json_object"
+        collect(b, schema_reqs(2))
+        assert [x["response_format"]["type"] for x in srv.log[-2:]] == ["json_object"] * 2
+    with FakeOpenAI(reject_formats=True, reject_status=500) as srv:
+        with pytest.raises(BackendUnavailable, match="accepts no structured output.*json_schema: HTTP 500: 1 validation"):
+            backend(srv.url, json_mode=True).check()
+        with pytest.raises(UserError, match="set json_mode: auto"):
+            collect(backend(srv.url, json_mode=True), schema_reqs(1))
     with FakeOpenAI() as srv:  # json_mode: false never asks
-        collect(backend(srv.url, json_mode=False),
-                [ModelRequest(messages=[Message(role="user", content="l")], params=GenParams(json_schema=schema))])
-        assert "response_format" not in srv.log[0]
+        sent = {}
+        collect(backend(srv.url, json_mode=False), schema_reqs(1), sent)
+        assert "response_format" not in srv.log[0] and sent[0].params.output_format == "text"
+
+
+def test_a_400_that_is_not_about_response_format_is_permanent_and_keeps_json_mode():
+    """A context-length 400 to a request with response_format does not switch JSON mode off."""
+    fail_first = {"n": 0}
+
+    def fault_fn(body, seen):
+        fail_first["n"] += 1
+        return "400" if fail_first["n"] == 1 else None
+
+    with FakeOpenAI(fault_fn=fault_fn) as srv:
+        results = collect(backend(srv.url, max_concurrency=1), schema_reqs(2))
+        assert isinstance(results[0], Failure) and results[0].permanent and results[0].kind == "http_400"
+        assert results[0].attempts == 1 and "bad request" in results[0].error
+        assert [b["response_format"]["type"] for b in srv.log] == ["json_schema", "json_schema"]
+
+
+def test_alternatives_are_the_forms_the_client_looks_up():
+    from pipeline.models.openai_backend import alternatives
+
+    r = schema_reqs(1)[0]
+    fmts = lambda **kw: [f.params.output_format for f in alternatives(Options(model="m", **kw), r)]  # noqa: E731
+    assert fmts() == ["json_schema", "json_object", "text"]
+    assert fmts(json_mode=True) == ["json_schema", "json_object"] and fmts(json_mode=False) == ["text"]
+    assert alternatives(Options(model="m", api="completions"), r) == [r]
+    plain = reqs(1)[0]
+    assert alternatives(Options(model="m"), plain) == [plain]
+    keys = {f.key({"m": 1}) for f in alternatives(Options(model="m"), r)}
+    assert len(keys) == 3  # each form has its own journal key
+
+
+@pytest.mark.parametrize("status,permanent", [(400, True), (401, True), (404, True), (422, True), (408, False),
+                                              (409, False), (429, False), (500, False), (503, False)])
+def test_failure_kinds_follow_the_status_and_keep_the_servers_whole_message(status, permanent):
+    long_message = "1 validation error:\nmessages.0.content\n  the prompt is 9000 tokens, over the context of 8192"
+
+    with FakeOpenAI() as srv:  # every request answered with the status and a message over several lines
+        orig = srv.httpd.RequestHandlerClass._reply
+
+        def reply(self, fault, body):
+            return self._error(status, long_message)
+
+        srv.httpd.RequestHandlerClass._reply = reply
+        try:
+            [res] = collect(backend(srv.url, max_attempts=2), reqs(1))
+        finally:
+            srv.httpd.RequestHandlerClass._reply = orig
+        assert isinstance(res, Failure) and res.permanent is permanent and res.kind == f"http_{status}"
+        assert res.attempts == (1 if permanent else 2) and len(srv.log) == res.attempts
+        assert res.error == f"HTTP {status}: " + " ".join(long_message.split())
+
+
+def test_null_content_is_a_permanent_failure():
+    with FakeOpenAI(faults=["null"]) as srv:
+        [res] = collect(backend(srv.url), reqs(1))
+        assert isinstance(res, Failure) and res.permanent and res.kind == "null_content"
+        assert "finish_reason length" in res.error and len(srv.log) == 1
+
+
+def test_identity_covers_every_option_that_reaches_the_wire():
+    from pipeline.models.openai_backend import identity
+
+    base = identity(Options(model="m", base_url="http://u:pw@h/v1"))
+    assert base["base_url"] == "http://h/v1" and "pw" not in json.dumps(base)
+    for change in ({"extra_body": {"top_k": 5}}, {"guided": "guided_json"}, {"json_mode": True}, {"api": "completions"},
+                   {"tokenizer": "x"}):
+        assert identity(Options(model="m", base_url="http://h/v1", **change)) != base, change
+    for same in ({"max_concurrency": 99}, {"timeout": 5}, {"rpm": 10}, {"batch": True}):
+        assert identity(Options(model="m", base_url="http://u:pw@h/v1", **same)) == base, same
+
+
+def test_missing_usage_is_counted_with_the_models_tokenizer(tmp_path):
+    from tinymodel import tiny_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(tok_dir)
+    with FakeOpenAI(usage=False, answer=lambda b: "hello world hello") as srv:
+        [bare] = collect(backend(srv.url), reqs(1))
+        assert bare.usage.prompt_tokens == 0 and bare.usage.completion_tokens == 0
+        [counted] = collect(backend(srv.url, tokenizer=str(tok_dir)), reqs(1))
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        assert counted.usage.completion_tokens == len(tok.encode("hello world hello", add_special_tokens=False)) > 0
+        assert counted.usage.prompt_tokens > 0
 
 
 def test_guided_decoding_and_extra_body_reach_the_server():
@@ -268,7 +391,11 @@ def test_identity_never_holds_the_key(monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-secret-123")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")
     b = create(Options(model="m", api_key_env="MY_KEY"))
-    assert b.identity() == {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1", "api": "chat"}
+    ident = b.identity()
+    assert {k: ident[k] for k in ("backend", "model", "base_url", "api")} == {
+        "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1", "api": "chat"}
+    # Every option that reaches the wire is part of it; client-side knobs are not.
+    assert {"extra_body", "guided", "json_mode"} <= set(ident) and "max_concurrency" not in ident
     assert "sk-secret" not in json.dumps(b.identity()) + repr(b.options)
     monkeypatch.delenv("OPENAI_BASE_URL")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -395,7 +522,8 @@ stages:
 """)
         cmd = [sys.executable, "-m", "pipeline", "run", str(cfg), "--no-progress"]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 4, r.stderr  # completed with failures
+        assert "transient: a re-run retries them" in r.stderr
         gen = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["generate"]
         assert gen["state"] == "complete_with_failures" and gen["open_failures"] > 0
         assert {f["kind"] for f in gen["failure_samples"]} == {"http_500"}
@@ -418,3 +546,47 @@ stages:
         after = srv.counts()
         assert all(after[k] == 3 for k in failed_bodies)  # sent once more, now answered
         assert all(after[k] == 1 for k in counts if k not in failed_bodies)  # no answered request paid twice
+
+
+def _cli_config(tmp_path, url, model_extra=""):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""name: k
+run_dir: {tmp_path / 'run'}
+models:
+  m: {{backend: openai, model: fake, base_url: {url}{model_extra}}}
+stages:
+  seeds: {{path: {ROOT / 'data/seed_tasks.jsonl'}, limit: 10}}
+  generate: {{model: m, target: 3, max_requests: 4, batch_size: 2, instances_style: answer, classify: false}}
+""")
+    return cfg
+
+
+def _seedtune(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args), "--no-progress"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_adding_extra_body_sends_requests_instead_of_serving_old_answers(tmp_path):
+    with FakeOpenAI() as srv:
+        cfg = _cli_config(tmp_path, srv.url)
+        assert _seedtune("run", cfg).returncode in (0, 4)
+        first = len(srv.log)
+        assert first > 0
+        r = _seedtune("run", cfg, "--set", "models.m.extra_body.top_k=5")
+        assert r.returncode in (0, 4), r.stderr
+        assert len(srv.log) > first and all(b.get("top_k") == 5 for b in srv.log[first:])
+
+
+def test_cli_a_priced_model_without_usage_stops_in_one_line_or_counts_with_its_tokenizer(tmp_path):
+    from tinymodel import tiny_tokenizer
+
+    tok = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(tok)
+    price = ", price: {input_per_million: 1, output_per_million: 2}"
+    with FakeOpenAI(usage=False) as srv:
+        r = _seedtune("run", _cli_config(tmp_path, srv.url, price))
+        assert r.returncode == 2 and "reported no token usage" in r.stderr and "Traceback" not in r.stderr
+        r = _seedtune("run", _cli_config(tmp_path, srv.url, price + f", tokenizer: {tok}"))
+        assert r.returncode in (0, 4), r.stderr
+    gen = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["generate"]
+    assert gen["prompt_tokens"] > 0 and gen["completion_tokens"] > 0 and gen["cost_usd"] > 0

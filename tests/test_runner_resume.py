@@ -69,10 +69,11 @@ def sent(count_file: Path) -> list[str]:
     return count_file.read_text().split() if count_file.exists() else []
 
 
-def interrupted_runs(tmp_path, sig, kills, reference):
+def interrupted_runs(tmp_path, sig, kills, reference, cfg=None, final_code=0):
     run_dir = tmp_path / f"run-{sig}"
     count = tmp_path / f"count-{sig}.txt"
-    cfg = config(tmp_path, run_dir, count, delay=0.15)  # slow enough to be killed mid-stage on a busy machine
+    # slow enough to be killed mid-stage on a busy machine
+    cfg = cfg if cfg is not None else config(tmp_path, run_dir, count, delay=0.15)
     rng = random.Random(int(sig))
     killed = 0
     resent_committed = []
@@ -101,7 +102,7 @@ def interrupted_runs(tmp_path, sig, kills, reference):
     assert killed >= kills
     committed_before, first_new = committed(run_dir), len(sent(count))
     final = run(cfg)
-    assert final.returncode == 0, final.stderr
+    assert final.returncode == final_code, final.stderr
     resent_committed += [k for k in sent(count)[first_new:] if k in committed_before]
     assert resent_committed == [], "a committed request was sent again"
     assert outputs(run_dir) == reference

@@ -1,4 +1,5 @@
-"""SFT data layer: pitfalls B1, B2, B4, B5, B10 on a tiny BPE tokenizer (no model, no training)."""
+"""SFT data layer on a tiny BPE tokenizer (no model, no training): the pitfalls never-stops, no-target,
+template-drift, token-boundary and silent-truncation of docs/sft-pitfalls.md."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ ALL_FORMATS = ["alpaca", "chat", "sharegpt"]
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
-def test_b1_last_label_is_the_end_id(tok, fmt):
+def test_never_stops_last_label_is_the_end_id(tok, fmt):
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     for e in examples(fmt):
         enc = encode_example(tok, e, 512)
@@ -48,7 +49,7 @@ def test_b1_last_label_is_the_end_id(tok, fmt):
     assert response_end_ids(tok) == [eot, tok.eos_token_id]
 
 
-def test_b1_end_id_survives_truncation_and_pad_equal_to_eos(tok):
+def test_never_stops_end_id_survives_truncation_and_pad_equal_to_eos(tok):
     e = examples("alpaca")[2]
     enc = encode_example(tok, e, 24)
     assert len(enc.input_ids) == 24 and enc.truncated and enc.labels[-1] == tok.eos_token_id
@@ -61,7 +62,7 @@ def test_b1_end_id_survives_truncation_and_pad_equal_to_eos(tok):
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
-def test_b2_trained_tokens_decode_to_output_plus_end(tok, fmt):
+def test_no_target_trained_tokens_decode_to_output_plus_end(tok, fmt):
     for e in examples(fmt):
         enc = encode_example(tok, e, 512)
         trained = [t for t, label in zip(enc.input_ids, enc.labels) if label != -100]
@@ -72,7 +73,7 @@ def test_b2_trained_tokens_decode_to_output_plus_end(tok, fmt):
     assert not rep.dropped and all(any(x != -100 for x in r["labels"][1:]) for r in rep.rows)
 
 
-def test_b2_rows_with_no_trainable_token_are_dropped_and_counted():
+def test_no_target_rows_with_no_trainable_token_are_dropped_and_counted():
     from tokenizers import processors
 
     tok = tiny_tokenizer()
@@ -83,13 +84,13 @@ def test_b2_rows_with_no_trainable_token_are_dropped_and_counted():
     rep = encode_dataset(tok, [empty] + kept, 512)
     assert [e.id for e in rep.dropped] == ["e"] and len(rep.rows) == len(kept)
     assert rep.as_dict()["dropped_no_trainable_tokens"] == 1
-    # a response cut to nothing still trains its EOS: the end id is re-appended (B1)
+    # a response cut to nothing still trains its EOS: the end id is re-appended (never-stops)
     enc = encode_example(tiny_tokenizer(), kept[2], 2)
     assert enc.input_ids == [tok.bos_token_id, tok.eos_token_id] and enc.labels[-1] == tok.eos_token_id
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
-def test_b4_eval_prompt_is_token_identical_and_has_one_bos(tok, fmt):
+def test_template_drift_eval_prompt_is_token_identical_and_has_one_bos(tok, fmt):
     if fmt == "alpaca":
         tok = tiny_tokenizer(chat_template=False)
         tok.chat_template = alpaca_chat_template(tok, template_file("formats/alpaca_no_input.j2").read_text())
@@ -105,7 +106,7 @@ def test_b4_eval_prompt_is_token_identical_and_has_one_bos(tok, fmt):
             assert list(via_chat) == prompt
 
 
-def test_b4_multi_turn_keeps_earlier_turns_in_the_prompt(tok):
+def test_template_drift_multi_turn_keeps_earlier_turns_in_the_prompt(tok):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
             {"role": "user", "content": "Copy: abc"}, {"role": "assistant", "content": "abc"}]
     e = TrainingExample(id="m", task_id="m", instruction="", format="chat", messages=msgs, response="abc")
@@ -114,21 +115,21 @@ def test_b4_multi_turn_keeps_earlier_turns_in_the_prompt(tok):
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
-def test_b5_ids_are_the_exact_concatenation_for_every_example(tok, fmt):
+def test_token_boundary_ids_are_the_exact_concatenation_for_every_example(tok, fmt):
     for e in examples(fmt):
         enc = encode_example(tok, e, 512)
         assert enc.input_ids == encode_prompt(tok, e) + encode_response(tok, e)
         assert enc.labels == [-100] * enc.prompt_length + encode_response(tok, e)
 
 
-def test_b5_one_token_answer_is_not_masked(tok):
+def test_token_boundary_one_token_answer_is_not_masked(tok):
     e = examples("alpaca")[1]  # output "C": would merge with the prompt's last token in joint tokenisation
     enc = encode_example(tok, e, 512)
     trained = [t for t, label in zip(enc.input_ids, enc.labels) if label != -100]
     assert tok.decode(trained[:-1]) == "C"
 
 
-def test_b10_truncation_is_counted_and_reported(tok):
+def test_silent_truncation_is_counted_and_reported(tok):
     long = TrainingExample(id="l", task_id="l", instruction="i", format="custom",
                            prompt="The quick brown fox jumps over the lazy dog. " * 8,
                            response="Eat well, sleep enough, and move every day. " * 8)

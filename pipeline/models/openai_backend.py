@@ -1,36 +1,49 @@
 """``backend: openai`` — OpenAI and any OpenAI-compatible server (``vllm serve``, llama.cpp, Ollama, TGI).
 
-An async client keeps ``max_concurrency`` requests in flight, each with a timeout; 429, 5xx, time-outs,
-dropped connections and malformed answers are retried with exponential back-off and jitter, honouring
-``Retry-After``; after ``max_attempts`` a request becomes a :class:`Failure` with its error and the stage goes on.
-A fixed pool of workers pulls request indices from one iterator, so memory stays flat in the number of
-requests. The event loop runs in the calling thread (``asyncio.run``) and results are reported from it, so the
-sink (the journal's sqlite connection) is only ever used by the thread that owns it. The API key is read from
-the environment variable named by ``api_key_env`` and is never stored, logged or part of the identity.
+An async client keeps ``max_concurrency`` requests in flight, each with a timeout, paced by the rate limits the
+server announces and the optional ``rpm``/``tpm`` caps (:mod:`pipeline.models.ratelimit`). 429, 408, 409, 5xx,
+time-outs, dropped connections and malformed answers are retried with exponential back-off and jitter, honouring
+``Retry-After``; after ``max_attempts`` a request becomes a transient :class:`Failure`. Other 4xx (a prompt over
+the context, a bad parameter) and an answer without content (a refusal, a reasoning model out of tokens) are
+permanent failures at once. A failure keeps the server's own message (up to ``ERROR_CHARS``).
+
+Structured output (chat API, requests with a schema) is sent in the first form the server accepts, in the order
+of :func:`alternatives`: ``json_schema`` (OpenAI, vLLM), ``json_object`` with the schema (llama.cpp's server), plain
+text (the stage's parser reads it). A form is dropped for the rest of the run only when the server's error names
+``response_format``; the answer is reported with the request actually sent, so it is journaled under its key.
+
+``batch: true`` sends requests through the Batch API instead (:mod:`pipeline.models.openai_batch`). The event loop
+runs in the calling thread (``asyncio.run``) and results are reported from it, so the sink (the journal's sqlite
+connection) is only ever used by the thread that owns it. The API key is read from the environment variable named
+by ``api_key_env`` and is never stored, logged or part of the identity.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
-import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.hashing import strip_credentials
-from pipeline.models.base import (BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
-                                  Usage, cut_at_stop, error_line, first_line)
+from pipeline.errors import UserError
+from pipeline.hashing import redact_secrets, strip_credentials
+from pipeline.models.base import (BackendUnavailable, Completion, Failure, GenParams, Message, ModelRequest,
+                                  ModelResult, ResultSink, Usage, cut_at_stop, error_line)
+from pipeline.models.ratelimit import RateLimiter, backoff_delay, retry_after_seconds  # noqa: F401 - re-exported
+from pipeline.models.transport import (ERROR_CHARS, Fatal, FormatRejected, GroupingSink, Retryable,  # noqa: F401
+                                       aiohttp_transport, cause_chain, classify_status, dropped_not_timed_out,
+                                       one_line, root_cause, server_message)
 
 log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; further stop strings are applied to the text here
 CONNECTIONS_PER_CLIENT = 64
-ERROR_CHARS = 500  # an error line kept from a server (whose error bodies can be whole HTML pages)
+STRUCTURED = ("json_schema", "json_object")
+_RAW = {"X-Stainless-Raw-Response": "true"}  # the SDK hands back the response, headers included
 
 
 class Options(BaseModel):
@@ -45,154 +58,151 @@ class Options(BaseModel):
     max_attempts: int = Field(5, ge=1)
     backoff_base: float = Field(1.0, ge=0)  # first retry waits about this long, doubling each time (with jitter)
     backoff_max: float = Field(60.0, ge=0)
-    # JSON output for requests that carry a schema (chat API): true = always ask (``response_format``);
-    # "auto" = ask, and if the server rejects ``response_format`` (HTTP 400), stop asking; false = never.
+    # Structured output for requests that carry a schema (chat API): "auto" = the best form the server accepts,
+    # plain text as the last resort; true = structured output required (json_schema or json_object with the
+    # schema); false = plain text (the stage's parser).
     json_mode: bool | Literal["auto"] = "auto"
     # Guided decoding for vLLM servers: put the schema in the request body as ``structured_outputs``
     # (vLLM >= 0.12) or ``guided_json`` (older vLLM); works with both APIs.
     guided: Literal["none", "structured_outputs", "guided_json"] = "none"
     extra_body: dict[str, Any] = Field(default_factory=dict)  # server-specific fields (e.g. vLLM's top_k)
+    # Client-side caps over any sliding minute, on top of the limits the server announces.
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    # A local tokenizer folder or Hub id: counts tokens where the server reports no usage (priced models).
+    tokenizer: str | None = None
+    # The Batch API (OpenAI and servers that offer /v1/batches): half price, answers within the window.
+    batch: bool = False
+    batch_discount: float = Field(0.5, ge=0, le=1)  # the price factor of batched requests
+    batch_poll_s: float = Field(30.0, gt=0)
+    batch_max_requests: int = Field(50_000, ge=1, le=50_000)  # per batch (the API's limit)
+    batch_max_bytes: int = Field(190_000_000, ge=1_000, le=200_000_000)  # per input file (the API's: 200 MB)
+    batch_window: Literal["24h"] = "24h"
 
 
-class _Retryable(Exception):
-    def __init__(self, kind: str, error: str, retry_after: float | None = None):
-        super().__init__(error)
-        self.kind, self.error, self.retry_after = kind, error, retry_after
-
-
-class _Fatal(Exception):
-    """The request itself is wrong (4xx other than 408/429): retrying cannot help."""
-
-    def __init__(self, kind: str, error: str):
-        super().__init__(error)
-        self.kind, self.error = kind, error
-
-
-def retry_after_seconds(headers: Any) -> float | None:
-    """``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date) -> seconds, else None."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
-    """Exponential back-off with jitter (attempt counts from 1); a server's Retry-After is a floor."""
-    delay = min(cap, base * 2 ** (attempt - 1)) * (0.5 + random.random())
-    return max(delay, retry_after) if retry_after is not None else delay
-
-
-def cause_chain(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and e not in chain and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    return chain
-
-
-def dropped_not_timed_out(exc: BaseException) -> bool:
-    """True when a 'timeout' from the SDK is really a dropped connection.
-
-    The aiohttp transport maps every ``aiohttp.ClientConnectionError`` (a server closing the connection
-    included) to a connect *timeout*; the cause chain still holds the aiohttp error."""
-    try:
-        from aiohttp import ClientConnectionError
-    except ImportError:
-        return False
-    return any(isinstance(c, ClientConnectionError) and not isinstance(c, TimeoutError) for c in cause_chain(exc))
-
-
-def root_cause(exc: BaseException) -> str:
-    """One short line naming the deepest cause of a client error (e.g. 'connection refused')."""
-    chain = cause_chain(exc)
-    for c in chain:
-        if isinstance(c, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(c, (TimeoutError, asyncio.TimeoutError)):
-            return "timed out"
-    deepest = next((c for c in reversed(chain) if str(c).strip()), exc)
-    return error_line(deepest, ERROR_CHARS)
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
-
-
-def aiohttp_transport() -> Any:
-    """The SDK's aiohttp transport (``openai[aiohttp]``) where installed, else None (the SDK's default httpx).
-
-    It needs about 40% less client CPU per request than the default transport, which is what keeps 64 requests in
-    flight close to the ideal rate on a small machine (bench/api_throughput.py)."""
-    try:
-        from openai import DefaultAioHttpClient
-
-        return DefaultAioHttpClient()
-    except (ImportError, RuntimeError):  # an SDK without it, or aiohttp not installed
-        return None
+# Client-side knobs that never change an answer (a batched request is the same request at another price). The
+# tokenizer stays in: it fills in the usage journaled with answers from a server that reports none.
+_NOT_IDENTITY = {"base_url", "api_key_env", "max_concurrency", "timeout", "max_attempts", "backoff_base",
+                 "backoff_max", "rpm", "tpm", "batch", "batch_discount", "batch_poll_s",
+                 "batch_max_requests", "batch_max_bytes", "batch_window"}
 
 
 def base_url(options: Options) -> str:
     return (options.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
 
 
-# Client-side knobs that never change an answer.
-_NOT_IDENTITY = {"base_url", "api_key_env", "max_concurrency", "timeout", "max_attempts", "backoff_base",
-                 "backoff_max"}
-
-
 def identity(options: Options) -> dict[str, Any]:
     """Static: every option that reaches the wire (the URL without credentials); never a secret."""
-    return {"backend": "openai", **options.model_dump(mode="json", exclude=_NOT_IDENTITY),
-            "base_url": strip_credentials(base_url(options))}
+    ident = {"backend": "openai", **options.model_dump(mode="json", exclude=_NOT_IDENTITY),
+             "base_url": strip_credentials(base_url(options))}
+    return redact_secrets(ident)  # a key in extra_body changes no answer and is never written down
+
+
+def output_formats(options: Options, request: ModelRequest) -> list[str | None]:
+    """The wire forms, in preference order, of a request with a schema (``[None]``: the one plain form)."""
+    if options.api != "chat" or request.params.json_schema is None or options.guided != "none":
+        return [None]
+    if options.json_mode == "auto":
+        return [*STRUCTURED, "text"]
+    return list(STRUCTURED) if options.json_mode else ["text"]
+
+
+def with_format(request: ModelRequest, fmt: str | None) -> ModelRequest:
+    return request.model_copy(update={"params": request.params.model_copy(update={"output_format": fmt})})
+
+
+def alternatives(options: Options, request: ModelRequest) -> list[ModelRequest]:
+    """The request in each wire form this backend may send it, the preferred first (each has its own key)."""
+    fmts = output_formats(options, request)
+    return [request] if fmts == [None] else [with_format(request, f) for f in fmts]
+
+
+def wire(options: Options, req: ModelRequest) -> tuple[str, dict[str, Any]]:
+    """The endpoint path and JSON body of a request (in the form ``req.params.output_format`` names)."""
+    p = req.params
+    body: dict[str, Any] = dict(model=options.model, temperature=p.temperature, top_p=p.top_p,
+                                max_tokens=p.max_tokens, n=p.n)
+    if p.stop:
+        body["stop"] = p.stop[:MAX_STOP_SEQUENCES]
+    if p.presence_penalty:
+        body["presence_penalty"] = p.presence_penalty
+    if p.frequency_penalty:
+        body["frequency_penalty"] = p.frequency_penalty
+    if p.seed is not None:
+        body["seed"] = p.seed
+    body.update(options.extra_body)
+    if p.json_schema is not None and options.guided == "structured_outputs":
+        body["structured_outputs"] = {"json": p.json_schema}
+    elif p.json_schema is not None and options.guided == "guided_json":
+        body["guided_json"] = p.json_schema
+    fmt = p.output_format
+    if p.json_schema is not None and options.api == "chat" and fmt in STRUCTURED:
+        # Structured outputs need an object at the root: the schema's value sits under "items".
+        schema = {"type": "object", "properties": {"items": p.json_schema}, "required": ["items"]}
+        body["response_format"] = ({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+                                   if fmt == "json_schema" else {"type": "json_object", "schema": schema})
+    if options.api == "chat":
+        body["messages"] = [m.model_dump() for m in req.messages] if req.messages else [
+            {"role": "user", "content": req.prompt or ""}]
+        return "/chat/completions", body
+    body["prompt"] = req.prompt if req.prompt is not None else "\n\n".join(m.content for m in req.messages or [])
+    return "/completions", body
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 class OpenAIBackend:
     def __init__(self, options: Options):
         self.options = options
-        self._json_supported = True  # cleared when json_mode is "auto" and the server rejects response_format
+        self.rejected: dict[str, str] = {}  # output formats the server rejected this run -> its message
+        self.limiter = RateLimiter(options.rpm, options.tpm)
+        self._tokenizer: Any = None
+        # Set by the client: whether a batch of this worst case (prompt, completion tokens) fits the budget.
+        self.fits: Callable[[int, int], bool] | None = None
 
     @property
     def base_url(self) -> str:
-        return (self.options.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        return base_url(self.options)
+
+    @property
+    def cost_factor(self) -> float:
+        """The share of the list price this backend's answers cost (the Batch API's discount)."""
+        return self.options.batch_discount if self.options.batch else 1.0
 
     def identity(self) -> dict[str, Any]:
         return identity(self.options)
 
-    def _client(self, timeout: float | None = None):
-        from openai import AsyncOpenAI
-
+    def _key(self) -> str:
         key = os.environ.get(self.options.api_key_env)
         if not key:
             if self.base_url == DEFAULT_BASE_URL:
                 raise BackendUnavailable(
-                    f"model '{self.options.model}' at {self.base_url}: the API key is not set "
+                    f"model '{self.options.model}' at {strip_credentials(self.base_url)}: the API key is not set "
                     f"(environment variable {self.options.api_key_env})")
             key = "EMPTY"  # local servers usually accept any key
-        return AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout or self.options.timeout,
-                           http_client=aiohttp_transport())
+        return key
+
+    def _client(self, timeout: float | None = None):
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=self.base_url, api_key=self._key(), max_retries=0,
+                           timeout=timeout or self.options.timeout, http_client=aiohttp_transport())
+
+    def sync_client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=self._key(), max_retries=2, timeout=self.options.timeout)
+
+    def _where(self) -> str:
+        return f"model '{self.options.model}' at {strip_credentials(self.base_url)}"
 
     def check(self) -> None:
-        """GET /models with a short timeout; one line naming the model, the URL and the cause."""
+        """GET /models with a short timeout; with ``json_mode: true``, a probe of the structured output forms."""
         timeout = min(10.0, self.options.timeout)
 
-        async def probe() -> list[str]:
+        async def models() -> list[str]:
             client = self._client(timeout)
             try:
                 page = await asyncio.wait_for(client.models.list(), timeout=timeout)
@@ -201,120 +211,152 @@ class OpenAIBackend:
                 await client.close()
 
         try:
-            served = asyncio.run(probe())
+            served = asyncio.run(models())
         except BackendUnavailable:
             raise
         except Exception as e:  # noqa: BLE001 - one line for the user
-            raise BackendUnavailable(f"model '{self.options.model}' at {self.base_url}: {root_cause(e)}") from None
+            raise BackendUnavailable(f"{self._where()}: {root_cause(e)}") from None
         if served and self.options.model not in served:
-            log.warning("model '%s' is not among the models %s lists (%s)", self.options.model, self.base_url,
+            log.warning("model '%s' is not among the models %s lists (%s)", self.options.model,
+                        strip_credentials(self.base_url),
                         ", ".join(served[:5]) + (", ..." if len(served) > 5 else ""))
+        if self.options.json_mode is True and self.options.api == "chat" and not self.options.batch:
+            try:
+                self.probe()
+            except UserError as e:
+                raise BackendUnavailable(str(e)) from None
+
+    def probe(self) -> dict[str, Any]:
+        """One small request (with a schema where structured output may be used): its latency, and the
+        output format the server accepted."""
+        schema = {"type": "array", "items": {"type": "string"}} if self.options.json_mode is not False else None
+        req = ModelRequest(messages=[Message(role="user", content="Reply with a JSON list of two colours.")],
+                           params=GenParams(max_tokens=16, temperature=0.0, json_schema=schema))
+        got: list[tuple] = []
+        start = time.monotonic()
+        self.generate([req], lambda group: got.extend(group) or True)
+        sent = got[0][2] if got and len(got[0]) > 2 else req
+        return {"latency_s": time.monotonic() - start, "result": got[0][1] if got else None,
+                "output_format": sent.params.output_format}
 
     # ---- one request --------------------------------------------------------------------------------------
-    def _use_response_format(self, req: ModelRequest) -> bool:
-        return (self.options.api == "chat" and req.params.json_schema is not None
-                and self.options.json_mode is not False and self._json_supported)
+    def _form(self, req: ModelRequest) -> ModelRequest:
+        forms = [f for f in alternatives(self.options, req) if f.params.output_format not in self.rejected]
+        if not forms:
+            tried = "; ".join(f"{k}: {v}" for k, v in self.rejected.items())
+            raise UserError(f"{self._where()}: json_mode is true but the server accepts no structured output "
+                            f"({tried}); set json_mode: auto to use plain text")
+        return forms[0]
 
-    def _kwargs(self, req: ModelRequest) -> dict[str, Any]:
-        p = req.params
-        kw: dict[str, Any] = dict(model=self.options.model, temperature=p.temperature, top_p=p.top_p,
-                                  max_tokens=p.max_tokens, n=p.n)
-        if p.stop:
-            kw["stop"] = p.stop[:MAX_STOP_SEQUENCES]
-        if p.presence_penalty:
-            kw["presence_penalty"] = p.presence_penalty
-        if p.frequency_penalty:
-            kw["frequency_penalty"] = p.frequency_penalty
-        if p.seed is not None:
-            kw["seed"] = p.seed
-        extra = dict(self.options.extra_body)
-        if p.json_schema is not None and self.options.guided == "structured_outputs":
-            extra["structured_outputs"] = {"json": p.json_schema}
-        elif p.json_schema is not None and self.options.guided == "guided_json":
-            extra["guided_json"] = p.json_schema
-        if extra:
-            kw["extra_body"] = extra
-        if self._use_response_format(req):
-            # Structured outputs need an object at the root: the schema's value sits under "items".
-            kw["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "answer", "schema": {"type": "object", "properties": {"items": req.params.json_schema},
-                                             "required": ["items"]}}}
-        return kw
+    def reject_format(self, fmt: str | None, message: str) -> None:
+        if fmt not in self.rejected:
+            log.warning("%s rejected response_format %s (%s); using the next form", strip_credentials(self.base_url),
+                        fmt, message)
+            self.rejected[str(fmt)] = message
 
-    async def _send(self, client: Any, req: ModelRequest, kw: dict[str, Any]) -> Any:
-        """POST the request and return the decoded JSON body.
+    async def _send(self, client: Any, req: ModelRequest) -> tuple[Any, Any]:
+        """POST the request; the decoded JSON body and the response headers.
 
         Goes through the SDK's generic ``post`` (same auth, timeouts and error types as ``create``) with the body
         built here: the typed ``create`` methods re-walk every body against their TypedDicts and build pydantic
         objects from every answer, which costs about a third of the client's CPU time per request."""
-        body = dict(kw)
-        body.update(body.pop("extra_body", None) or {})
-        if self.options.api == "chat":
-            body["messages"] = [m.model_dump() for m in req.messages] if req.messages else [
-                {"role": "user", "content": req.prompt or ""}]
-            path = "/chat/completions"
-        else:
-            body["prompt"] = req.prompt if req.prompt is not None else "\n\n".join(
-                m.content for m in req.messages or [])
-            path = "/completions"
-        return await client.post(path, cast_to=dict, body=body, options={"security": {"bearer_auth": True}})
+        path, body = wire(self.options, req)
+        raw = await client.post(path, cast_to=dict, body=body,
+                                options={"security": {"bearer_auth": True}, "headers": _RAW})
+        return raw.parse(), raw.headers
 
     async def _call(self, client: Any, req: ModelRequest) -> Completion:
         import openai
 
-        kw = self._kwargs(req)
+        tokens = len(req.model_dump_json()) / 4 + req.params.max_tokens * req.params.n
+        await self.limiter.acquire(tokens)
+        headers, limited = None, False
         try:
-            data = await self._send(client, req, kw)
+            data, headers = await self._send(client, req)
         except openai.APITimeoutError as e:
             if dropped_not_timed_out(e):
-                raise _Retryable("connection", f"connection error: {root_cause(e)}") from None
-            raise _Retryable("timeout", f"no answer within {self.options.timeout:g}s ({first_line(str(e), ERROR_CHARS)})") from None
+                raise Retryable("connection", f"connection error: {root_cause(e)}") from None
+            raise Retryable("timeout", f"no answer within {self.options.timeout:g}s") from None
         except openai.APIConnectionError as e:
-            raise _Retryable("connection", f"connection error: {root_cause(e)}") from None
+            raise Retryable("connection", f"connection error: {root_cause(e)}") from None
         except openai.APIStatusError as e:
-            status, msg = e.status_code, first_line(str(e), ERROR_CHARS)
-            if status == 429 or status == 408 or status >= 500:
-                raise _Retryable(f"http_{status}", msg, retry_after_seconds(e.response.headers)) from None
-            if status == 400 and "response_format" in kw and self.options.json_mode == "auto":
-                log.warning("%s rejected response_format (%s); asking for JSON in the prompt only", self.base_url, msg)
-                self._json_supported = False
-                return await self._call(client, req)  # at once, without response_format
-            raise _Fatal(f"http_{status}", msg) from None
+            headers, limited = e.response.headers, e.status_code == 429
+            err = classify_status(e.status_code, server_message(e), "response_format" in wire(self.options, req)[1])
+            if isinstance(err, Retryable):
+                err.retry_after = retry_after_seconds(headers)
+            raise err from None
         except (openai.APIResponseValidationError, ValueError, TypeError) as e:  # e.g. a body that is not JSON
-            raise _Retryable("malformed", f"malformed response: {error_line(e, ERROR_CHARS)}") from None
-        return self._completion(data, req)
+            raise Retryable("malformed", f"malformed response: {error_line(e, ERROR_CHARS)}") from None
+        finally:
+            self.limiter.release(tokens, headers, limited)
+        return self.completion(data, req)
 
-    def _completion(self, data: Any, req: ModelRequest) -> Completion:
+    def completion(self, data: Any, req: ModelRequest) -> Completion:
         """Texts, finish reasons and usage from a decoded answer; anything short of that is malformed."""
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
-            raise _Retryable("malformed", "malformed response: no choices in the answer")
+            raise Retryable("malformed", "malformed response: no choices in the answer")
         choices = sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0)
         if self.options.api == "chat":
-            texts = [(c.get("message") or {}).get("content") if isinstance(c.get("message"), dict) else None
-                     for c in choices]
+            texts = [c["message"].get("content") if isinstance(c.get("message"), dict) else False for c in choices]
         else:
-            texts = [c.get("text") for c in choices]
-        if any(not isinstance(t, str) for t in texts):
-            raise _Retryable("malformed", "malformed response: an answer without text")
+            texts = [c.get("text", False) for c in choices]
         reasons = [str(c.get("finish_reason") or "stop") for c in choices]
+        if any(t is None for t in texts):
+            why = next(r for t, r in zip(texts, reasons) if t is None)
+            refusal = next((c["message"].get("refusal") for c in choices if isinstance(c.get("message"), dict)
+                            and c["message"].get("refusal")), None)
+            raise Fatal("null_content", f"the answer has no content (finish_reason {why})"
+                        + (f": {one_line(str(refusal))[:ERROR_CHARS]}" if refusal else ""))
+        if any(not isinstance(t, str) for t in texts):
+            raise Retryable("malformed", "malformed response: an answer without text")
         for k, t in enumerate(texts):  # stop strings beyond the API's limit
             cut = cut_at_stop(t, req.params.stop[MAX_STOP_SEQUENCES:])
             if cut is not None:
                 texts[k], reasons[k] = cut, "stop"
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return Completion(texts=texts, finish_reasons=reasons, usage=Usage(
-            prompt_tokens=_int(usage.get("prompt_tokens")), completion_tokens=_int(usage.get("completion_tokens"))))
+        counted = Usage(prompt_tokens=_int(usage.get("prompt_tokens")),
+                        completion_tokens=_int(usage.get("completion_tokens")))
+        if not (counted.prompt_tokens or counted.completion_tokens) and self.options.tokenizer:
+            counted = self.count_tokens(req, texts)
+        return Completion(texts=texts, finish_reasons=reasons, usage=counted)
 
-    async def _one(self, client: Any, req: ModelRequest) -> ModelResult:
-        o = self.options
-        last: _Retryable | None = None
-        for attempt in range(1, o.max_attempts + 1):
+    def count_tokens(self, req: ModelRequest, texts: Sequence[str] = ()) -> Usage:
+        """Token counts with the model's own tokenizer (``tokenizer:``), for servers that report no usage."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
             try:
-                return await self._call(client, req)
-            except _Fatal as e:
-                return Failure(error=e.error or e.kind, kind=e.kind, attempts=attempt)
-            except _Retryable as e:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.options.tokenizer)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{self._where()}: tokenizer '{self.options.tokenizer}' cannot be loaded: "
+                                f"{error_line(e, 300)}") from None
+        tok = self._tokenizer
+        if req.messages and getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
+                                          tokenize=True)
+            prompt = len(ids["input_ids"] if isinstance(ids, dict) else ids)
+        else:
+            text = req.prompt if req.prompt is not None else "\n\n".join(m.content for m in req.messages or [])
+            prompt = len(tok.encode(text))
+        return Usage(prompt_tokens=prompt,
+                     completion_tokens=sum(len(tok.encode(t, add_special_tokens=False)) for t in texts))
+
+    async def _one(self, client: Any, req: ModelRequest) -> tuple[ModelResult, ModelRequest]:
+        o = self.options
+        last: Retryable | None = None
+        attempt = 0
+        while attempt < o.max_attempts:
+            attempt += 1
+            form = self._form(req)
+            try:
+                return await self._call(client, form), form
+            except FormatRejected as e:
+                self.reject_format(form.params.output_format, str(e))
+                attempt -= 1  # the next form at once: not an attempt of this one
+            except Fatal as e:
+                return Failure(error=e.error or e.kind, kind=e.kind, attempts=attempt, permanent=True), form
+            except Retryable as e:
                 last = e
                 if attempt == o.max_attempts:
                     break
@@ -322,7 +364,7 @@ class OpenAIBackend:
                 log.info("retrying after %s in %.2fs (attempt %d/%d)", e.kind, delay, attempt, o.max_attempts)
                 await asyncio.sleep(delay)
         assert last is not None
-        return Failure(error=first_line(last.error, ERROR_CHARS) or last.kind, kind=last.kind, attempts=o.max_attempts)
+        return Failure(error=last.error or last.kind, kind=last.kind, attempts=o.max_attempts), form
 
     # ---- the batch ------------------------------------------------------------------------------------------
     async def _run(self, requests: Sequence[ModelRequest], on_result: ResultSink) -> None:
@@ -330,12 +372,12 @@ class OpenAIBackend:
         # One HTTP connection pool per CONNECTIONS_PER_CLIENT workers: a pool's cost per request grows with its size.
         clients = [self._client() for _ in range(-(-workers // CONNECTIONS_PER_CLIENT))]
         pending: Iterator[int] = iter(range(len(requests)))
-        sink = _GroupingSink(on_result)
+        sink = GroupingSink(on_result)
 
         async def worker(client: Any) -> None:
             for i in pending:  # shared iterator: each index goes to exactly one worker
-                result = await self._one(client, requests[i])
-                if not await sink.report(i, result):
+                result, sent = await self._one(client, requests[i])
+                if not await sink.report((i, result) if sent is requests[i] else (i, result, sent)):
                     return
 
         tasks = [asyncio.ensure_future(worker(clients[w % len(clients)])) for w in range(workers)]
@@ -352,50 +394,19 @@ class OpenAIBackend:
                 await client.close()
 
     def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink, store: Any = None) -> None:
-        if requests:
+        if not requests:
+            return
+        if self.options.batch:
+            from pipeline.models.openai_batch import MemoryStore, run_batches
+
+            run_batches(self, requests, on_result, store if store is not None else MemoryStore())
+        else:
             asyncio.run(self._run(requests, on_result))
 
     def close(self) -> None:
         return None
 
 
-class _GroupingSink:
-    """Reports results that finish in the same turn of the event loop as one group (one journal transaction).
-
-    A worker awaits its group's report before it takes another request, so when the sink says "no more" (budget)
-    nothing new starts; requests still in flight finish and are reported. After a sink error nothing more is
-    reported (the requests not yet committed are sent again on the next run)."""
-
-    def __init__(self, on_result: ResultSink):
-        self.on_result = on_result
-        self.group: list[tuple[int, ModelResult]] = []
-        self.flushed: asyncio.Future[bool] | None = None
-        self.more = True
-        self.broken = False
-
-    async def report(self, index: int, result: ModelResult) -> bool:
-        if self.broken:
-            return False
-        self.group.append((index, result))
-        if self.flushed is None:
-            self.flushed = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(self._flush)
-        return await self.flushed
-
-    def _flush(self) -> None:
-        group, done = self.group, self.flushed
-        self.group, self.flushed = [], None
-        assert done is not None
-        try:
-            # Runs in the event loop's thread, which is the thread that called generate().
-            if not self.broken and not self.on_result(group):
-                self.more = False
-        except BaseException as e:  # noqa: BLE001 - handed to every waiting worker
-            self.broken = True
-            done.set_exception(e)
-            return
-        done.set_result(self.more and not self.broken)
-
-
 def create(options: Options) -> OpenAIBackend:
     return OpenAIBackend(options)
+

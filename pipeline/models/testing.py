@@ -48,6 +48,7 @@ class Options(BaseModel):
     fail_permanent_every: int = 0  # a permanent failure (as a 400 or a refusal) likewise, on another hash
     fail_steps: list[str] = Field(default_factory=list)  # only requests whose tag starts with one of these fail (empty: any request)
     batch_size: int = 1  # results are reported in groups of this size
+    report_usage: bool = True  # false: answers carry no token usage (as some servers send them)
 
 
 def _rng_words(seed: bytes, n: int) -> list[int]:
@@ -128,7 +129,7 @@ class TestBackend:
         texts = [answer(request if i == 0 else request.model_copy(update={"tag": f"{request.tag}#{i}"}),
                         self.options) for i in range(request.params.n)]
         usage = Usage(prompt_tokens=len((request.prompt or "").split()) or 1,
-                      completion_tokens=sum(len(t.split()) for t in texts))
+                      completion_tokens=sum(len(t.split()) for t in texts)) if o.report_usage else Usage()
         return Completion(texts=texts, finish_reasons=["stop"] * len(texts), usage=usage)
 
     def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink, store: Any = None) -> None:

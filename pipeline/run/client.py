@@ -194,8 +194,17 @@ class JournaledClient:
             raise BudgetExceeded(self._budget_message())
         return results  # type: ignore[return-value]
 
+    def fits(self, prompt_tokens: int, completion_tokens: int, factor: float = 1.0) -> bool:
+        """Whether a worst case of this many tokens stays within the budget (a backend asks before a batch)."""
+        b, cost = self.budget, self.price.cost(prompt_tokens, completion_tokens) * factor
+        return (b.max_cost_usd is None or self.spent_cost + cost <= b.max_cost_usd) and (
+            b.max_tokens is None or self.spent_tokens + prompt_tokens + completion_tokens <= b.max_tokens)
+
     def _send(self, requests, keys, todo, results, desc) -> None:
         backend = self.backend()
+        factor = getattr(backend, "cost_factor", 1.0)  # the share of the list price (the Batch API's discount)
+        if hasattr(backend, "fits"):
+            backend.fits = lambda p, c: self.fits(p, c, factor)
         bar = None
         if self.show_progress:
             from tqdm.auto import tqdm
@@ -211,7 +220,7 @@ class JournaledClient:
                 i = todo[j]
                 sent = item[2] if len(item) > 2 and item[2] is not None else None
                 key = sent.key(self.identity()) if sent is not None else keys[i][0]
-                cost = self.price.cost(res.usage.prompt_tokens, res.usage.completion_tokens) \
+                cost = self.price.cost(res.usage.prompt_tokens, res.usage.completion_tokens) * factor \
                     if isinstance(res, Completion) else 0.0
                 body = (sent or requests[i]).model_dump(mode="json")
                 entries.append(Entry(key, json.dumps(body, ensure_ascii=False), res, cost,

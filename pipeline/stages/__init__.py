@@ -14,6 +14,7 @@ STAGES: dict[str, str] = {
     "generate": "pipeline.stages.generate",
     "filter": "pipeline.stages.filter",
     "dedup": "pipeline.stages.dedup",
+    "judge": "pipeline.stages.judge",
     "decontaminate": "pipeline.stages.decontaminate",
     "template": "pipeline.stages.template",
     "export": "pipeline.stages.export",

@@ -120,16 +120,22 @@ def plots(out_dir: Path, examples: list[TrainingExample], rouge: list[float],
     fig, axes = plt.subplots(1, 3, figsize=(11, 3))
     for ax, field in zip(axes, ("instruction", "input", "output")):
         ax.hist([_words(getattr(e, field)) for e in examples], bins=20, color="#4c72b0")
-        ax.set_title(f"{field} length (words)")
+        ax.set_title(f"{field} length")
+        ax.set_xlabel("words")
+        ax.set_ylabel("examples")
     save(fig, "lengths.png", "Lengths of instruction, input and output")
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.hist(rouge, bins=[i / 10 for i in range(11)], color="#55a868")
     ax.set_title("ROUGE-L to the nearest seed task")
+    ax.set_xlabel("ROUGE-L F1 to the nearest seed instruction")
+    ax.set_ylabel("tasks")
     save(fig, "rouge_to_seeds.png", "ROUGE-L to the nearest seed task")
     if verbs:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.barh([v for v, _ in verbs][::-1], [n for _, n in verbs][::-1], color="#c44e52")
         ax.set_title("Most frequent leading verbs")
+        ax.set_xlabel("tasks")
+        ax.set_ylabel("first word of the instruction")
         save(fig, "leading_verbs.png", "Most frequent leading verbs")
     return made
 

@@ -132,12 +132,6 @@ class StageContext:
                 return inp
         return None
 
-    def input_named(self, name: str) -> StageInput:
-        for inp in self.inputs:
-            if inp.name == name:
-                return inp
-        raise ValueError(f"stage '{self.name}': no earlier stage named '{name}'")
-
     def read_records(self, source: StageInput | None = None, model: type[R] = Task) -> Iterator[R]:  # type: ignore[assignment]
         src = source or self.previous()
         return read_jsonl(src.dir / RECORDS_FILE, model)

@@ -2,12 +2,13 @@
 
 Validation loss on the validation split (the latest ``export`` stage's ``dataset/``, else the same
 task-level split of the ``template`` stage's records that ``sft`` uses), ROUGE-L and stop rate of greedy
-answers to held-out instructions, and perplexity on a general-text sample — the forgetting check. The
-tuned model is the latest earlier ``sft`` stage's folder unless ``tuned`` names one.
+answers to held-out instructions, and perplexity on a general-text sample — the forgetting check; each
+change with n and a paired bootstrap 95% interval. The tuned model is the latest earlier ``sft`` stage's
+folder unless ``tuned`` names one.
 
-Outputs in the stage folder: ``results.json`` (both results and the table), ``generations.jsonl`` (every
-held-out answer of both models) and ``README.md`` (the before/after table). The numbers also go to the
-manifest (``metrics.evaluation``), where ``seedtune status`` shows them.
+Outputs in the stage folder: ``results.json`` (both results, the changes and the table),
+``generations.jsonl`` (every held-out answer of both models) and ``README.md`` (the before/after table).
+The numbers also go to the manifest (``metrics.evaluation``), where ``seedtune status`` shows them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from typing import Any
 from pydantic import ConfigDict
 
 from pipeline.errors import UserError
+from pipeline.models.loading import load_model_and_tokenizer, weights_identity
 from pipeline.records import TrainingExample, write_json, write_jsonl
+from pipeline.stages import seeds
 from pipeline.stages.context import StageContext
-from pipeline.training.evaluation import (DEFAULT_GENERAL_TEXT, DEFAULT_HELDOUT, EvalOptions, evaluate_model,
-                                          render_results_table, summary)
+from pipeline.text.templates import render, template_file
+from pipeline.training import evaluation
+from pipeline.training.evaluation import EvalOptions
+from pipeline.training.modelcard import display_name
+from pipeline.training.report import TABLE, render_results_table
+from pipeline.training.splits import read_dataset, split_by_task
+from pipeline.training.trainer import pick_device
+
+REPORT = "card/evaluation.md.j2"
 
 
 class Options(EvalOptions):
@@ -37,13 +47,18 @@ class Options(EvalOptions):
     device: str = "auto"  # auto: cuda when available, else cpu
 
 
+def eval_options(o: Options) -> EvalOptions:
+    return EvalOptions(**{k: getattr(o, k) for k in EvalOptions.model_fields})
+
+
 def dependencies(options: Options) -> list[Path]:
-    """The data files scored; the models enter through the options and the upstream sft stage."""
-    deps = [Path(options.general_text) if options.general_text else DEFAULT_GENERAL_TEXT]
-    heldout = Path(options.heldout) if options.heldout else DEFAULT_HELDOUT
-    if options.heldout or heldout.exists():
-        deps.append(heldout)
-    return deps
+    """The data files scored and the report's templates; the tuned model enters through the upstream stage."""
+    return evaluation.dependencies(eval_options(options)) + [template_file(TABLE), template_file(REPORT)]
+
+
+def identity(options: Options) -> dict[str, Any]:
+    """The base model's weights, as a content hash (never loads them)."""
+    return {"base_weights": weights_identity(options.base_model, options.gguf_file, options.revision)}
 
 
 def check(options: Options) -> None:
@@ -52,25 +67,14 @@ def check(options: Options) -> None:
             raise UserError(f"evaluate: file not found: {p}")
 
 
-def eval_options(o: Options) -> EvalOptions:
-    return EvalOptions(**{k: getattr(o, k) for k in EvalOptions.model_fields})
-
-
 def validation_examples(ctx: StageContext) -> list[TrainingExample]:
     """The export stage's validation split, else the template stage's records split as ``sft`` splits them."""
     export = ctx.find_input("export")
     if export is not None and (export.dir / "dataset").exists():
-        import datasets
-
-        dd = datasets.load_from_disk(str(export.dir / "dataset"))
-        if "validation" not in dd:
-            return []
-        return [TrainingExample.model_validate(row) for row in dd["validation"]]
+        return read_dataset(export.dir / "dataset")[1]
     src = ctx.find_input("template")
     if src is None:
         return []
-    from pipeline.stages.export import split_by_task
-
     return split_by_task(list(ctx.read_records(src, TrainingExample)), 0.1, ctx.seed)[1]
 
 
@@ -88,42 +92,22 @@ def tuned_folder(ctx: StageContext) -> Path:
     return folder
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
+def measure(spec: str, o: Options, examples: list[TrainingExample], held: tuple[list[TrainingExample], str],
+            label: str, chat_template: str | None, **load: Any) -> dict[str, Any]:
+    """Load one model, evaluate it, free it."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _evaluate(spec: str, o: Options, examples: list[TrainingExample], label: str, chat_template: str | None,
-              **load: Any) -> dict[str, Any]:
-    """Load one model, evaluate it, free it."""
-    from pipeline.models.loading import load_model_and_tokenizer
-
-    model, tok = load_model_and_tokenizer(spec, dtype=o.dtype, device=_device(o.device),
+    model, tok = load_model_and_tokenizer(spec, dtype=o.dtype, device=pick_device(o.device),
                                           trust_remote_code=o.trust_remote_code, **load)
     if chat_template and not getattr(tok, "chat_template", None):
-        tok.chat_template = chat_template  # the base model is prompted exactly as the tuned one (B4)
+        tok.chat_template = chat_template  # the base model is prompted exactly as the tuned one (*template-drift*)
     try:
-        return evaluate_model(model, tok, examples, eval_options(o), label)
+        return evaluation.evaluate_model(model, tok, examples, *held, eval_options(o), label)
     finally:
         del model
         gc.collect()
-        _empty_cache()
-
-
-def _empty_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def report(name: str, base: str, tuned: str, before: dict[str, Any], after: dict[str, Any]) -> str:
-    return (f"# Evaluation: {name}\n\nBase model `{base}` against tuned model `{tuned}`, measured with the same "
-            "code on the same data.\n\n" + render_results_table(before, after) +
-            "\nPer-answer details (both models): `generations.jsonl`; all numbers: `results.json`.\n")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def run(ctx: StageContext) -> None:
@@ -133,16 +117,23 @@ def run(ctx: StageContext) -> None:
     tuned = tuned_folder(ctx)
     examples = validation_examples(ctx)
     ctx.stats.rows_in = len(examples)
-    tuned_tok = AutoTokenizer.from_pretrained(str(tuned), trust_remote_code=o.trust_remote_code)
-    template = getattr(tuned_tok, "chat_template", None)
-    before = _evaluate(o.base_model, o, examples, "base", template, gguf_file=o.gguf_file, revision=o.revision)
-    after = _evaluate(str(tuned), o, examples, "tuned", None)
-    table = render_results_table(before, after)
-    write_json(ctx.out_dir / "results.json", {"before": before, "after": after, "table": table,
-                                              "base_model": o.base_model, "tuned": str(tuned)})
+    path = evaluation.heldout_path(o)
+    tasks = seeds.load_tasks(seeds.Options(path=str(path))) if path else None
+    held = evaluation.heldout_examples(examples, eval_options(o), tasks,
+                                       display_name(str(path), ctx.run_dir) if path else None)
+    template = getattr(AutoTokenizer.from_pretrained(str(tuned), trust_remote_code=o.trust_remote_code),
+                       "chat_template", None)
+    before = measure(o.base_model, o, examples, held, "base", template, gguf_file=o.gguf_file, revision=o.revision)
+    after = measure(str(tuned), o, examples, held, "tuned", None)
+    change = evaluation.compare(before, after, o.seed)
+    table = render_results_table(before, after, change)
+    write_json(ctx.out_dir / "results.json", {"before": before, "after": after, "change": change, "table": table,
+                                              "base_model": o.base_model, "tuned": display_name(str(tuned), ctx.run_dir)})
     rows = [{"model": r["label"], **s} for r in (before, after) for s in r["samples"]]
     write_jsonl(ctx.out_dir / "generations.jsonl", rows)
-    (ctx.out_dir / "README.md").write_text(report(ctx.name, o.base_model, str(tuned), before, after),
-                                           encoding="utf-8")
+    (ctx.out_dir / "README.md").write_text(
+        render(REPORT, name=ctx.name, base=display_name(o.base_model, ctx.run_dir),
+               tuned=display_name(str(tuned), ctx.run_dir), table=table), encoding="utf-8")
     ctx.stats.rows_out = len(rows)
-    ctx.stats.metrics["evaluation"] = {"before": summary(before), "after": summary(after)}
+    ctx.stats.metrics["evaluation"] = {"before": evaluation.summary(before), "after": evaluation.summary(after),
+                                       "change": change}

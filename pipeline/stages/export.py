@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.records import TrainingExample, write_json, write_jsonl
+from pipeline.records import write_json, write_jsonl
 from pipeline.stages import card
-from pipeline.stages.context import StageContext
+from pipeline.stages.context import StageContext, StageInput
 from pipeline.text.templates import render, template_file
+from pipeline.training.data import messages_of
+from pipeline.training.modelcard import hub_id
+from pipeline.training.splits import split_by_task
 
 CARD_TEMPLATE = "card/dataset_card.md.j2"
 
@@ -45,23 +47,6 @@ def dependencies(options: Options) -> list[Path]:
     return [template_file(options.card_template)]
 
 
-def split_by_task(examples: list[TrainingExample], fraction: float, seed: int) -> tuple[list, list]:
-    tasks = sorted({e.task_id for e in examples})
-    random.Random(f"{seed}:split").shuffle(tasks)
-    n_val = round(len(tasks) * fraction)
-    if len(tasks) >= 2 and fraction > 0:
-        n_val = min(max(1, n_val), len(tasks) - 1)
-    val = set(tasks[:n_val])
-    return [e for e in examples if e.task_id not in val], [e for e in examples if e.task_id in val]
-
-
-def messages_of(e: TrainingExample) -> list[dict[str, str]]:
-    if e.messages:
-        return e.messages
-    user = e.instruction + (f"\n\n{e.input}" if e.input else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": e.output}]
-
-
 def run(ctx: StageContext) -> None:
     import datasets
 
@@ -80,7 +65,7 @@ def run(ctx: StageContext) -> None:
         ds.to_parquet(str(out / f"{split}.parquet"))
     write_json(out / "alpaca_data.json", [{"instruction": e.instruction, "input": e.input, "output": e.output}
                                           for e in examples])
-    write_jsonl(out / "messages.jsonl", ({"messages": messages_of(e)} for e in examples))
+    write_jsonl(out / "messages.jsonl", ({"messages": messages_of(e, plain=True)} for e in examples))
 
     funnel, instance_notes = card.funnel(ctx.inputs, len(examples))
     write_json(out / "funnel.json", {"funnel": funnel, "instance_drops": instance_notes})
@@ -90,15 +75,12 @@ def run(ctx: StageContext) -> None:
     verbs = card.leading_verbs(examples)
     manifest_path = ctx.run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {}
-    models = [{"name": k, "backend": v.get("backend"), "model": v.get("model")}
-              for k, v in (manifest.get("config", {}).get("models") or {}).items()]
-    templates = sorted({t for inp in ctx.inputs if inp.kind == "generate"
-                        for t in _templates_used(inp.dir)})
+    models, templates = _generation_provenance([inp for inp in ctx.inputs if inp.kind == "generate"])
     n = len(examples)
     size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "100K<n<1M"
     text = render(
         o.card_template, license=o.license, size_category=size, name=manifest.get("name", ctx.name),
-        homepage="https://pypi.org/project/seedtune/", description=o.description, final=n,
+        description=o.description, final=n,
         final_tasks=len({e.task_id for e in examples}), seed_count=len(seeds), train_rows=len(train),
         validation_rows=len(val), models=models, templates=templates, config_hash=manifest.get("config_hash", "-"),
         format=examples[0].format if examples else "-", funnel=funnel, instance_notes=instance_notes,
@@ -115,15 +97,24 @@ def run(ctx: StageContext) -> None:
         dd.push_to_hub(o.push_to_hub.repo_id, private=o.push_to_hub.private, token=token)
 
 
-def _templates_used(stage_dir: Path) -> set[str]:
+def _generation_provenance(stages: list[StageInput]) -> tuple[list[dict], list[str]]:
+    """The models (as resolved when the run called them) and templates that wrote the generated records."""
+    models: dict[tuple, dict] = {}
     used: set[str] = set()
-    path = stage_dir / "records.jsonl"
-    if path.exists():
+    for inp in stages:
+        path = inp.dir / "records.jsonl"
+        if not path.exists():
+            continue
         with open(path, encoding="utf-8") as f:
             for line in f:
                 prov = json.loads(line).get("provenance") or {}
+                m = prov.get("model") or {}
+                if m.get("model"):
+                    models.setdefault((inp.name, m.get("backend"), m["model"]),
+                                      {"name": inp.name, "backend": m.get("backend"), "model": m["model"],
+                                       "hub_id": hub_id(m["model"])})
                 if prov.get("template"):
                     used.add(prov["template"])
                 if (prov.get("extra") or {}).get("instances_template"):
                     used.add(prov["extra"]["instances_template"])
-    return used
+    return list(models.values()), sorted(used)

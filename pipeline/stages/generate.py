@@ -11,6 +11,9 @@
 
 ``mode: alpaca`` writes instruction, input and output together, 3 seed tasks per prompt.
 
+``mode: evol`` (Evol-Instruct) rewrites the seed instructions round after round into harder or new ones,
+eliminates failed evolutions, then writes instances like Self-Instruct.
+
 Generation continues until ``target`` instructions pass the instruction rules and the ROUGE-L near-duplicate
 check against seeds plus everything kept so far (the same code as the filter and dedup stages), or until
 ``max_requests``. The in-context examples of request i come from the run seed and i alone, and requests go
@@ -25,20 +28,23 @@ from pathlib import Path
 
 from pipeline.records import Instance, Task
 from pipeline.stages.context import StageContext
-from pipeline.stages.generation import alpaca, self_instruct
+from pipeline.stages.generation import alpaca, evol, self_instruct
 from pipeline.stages.generation.options import Options, Templates  # noqa: F401 - the stage's options
 from pipeline.stages.generation.pool import Generation
 from pipeline.stages.generation.prompts import example_dicts
 from pipeline.text.templates import render, template_file
 
-MODES = {"self_instruct": self_instruct.run, "alpaca": alpaca.run}
+MODES = {"self_instruct": self_instruct.run, "alpaca": alpaca.run, "evol": evol.run}
 
 
 def _used_templates(o: Options) -> list[str]:
     t = o.templates
     if o.mode == "alpaca":
         return [t.alpaca if o.alpaca_style == "completion" else t.alpaca_chat]
-    used = [t.bootstrap if o.bootstrap_style == "completion" else t.bootstrap_chat]
+    if o.mode == "evol":
+        used = [t.evol_depth, t.evol_breadth]
+    else:
+        used = [t.bootstrap if o.bootstrap_style == "completion" else t.bootstrap_chat]
     if o.classify:
         used.append(t.classify)
     used += [t.input_first, t.output_first] if o.instances_style == "input_first" else [t.answer]
@@ -59,7 +65,7 @@ def check(options: Options) -> None:
     ex = SAMPLE_TASKS
     for name in _used_templates(options):
         render(name, instructions=[t.instruction for t in ex], num_new=5, examples=example_dicts(ex),
-               instruction=ex[0].instruction, input="", num_tasks=5)
+               instruction=ex[0].instruction, input="", num_tasks=5, operation="deepen")
 
 
 def run(ctx: StageContext) -> None:

@@ -77,9 +77,8 @@ def _str_field(rec: dict, key: str, where: str, required: bool = True) -> str:
         return ""
     val = rec[key]
     if not isinstance(val, str):
-        if isinstance(val, (int, float)) and not isinstance(val, bool):
-            return str(val)
-        raise UserError(f"{where}: '{key}' must be a string, got {type(val).__name__}")
+        shown = json.dumps(val)[:40] if isinstance(val, (int, float, bool, list, dict)) else type(val).__name__
+        raise UserError(f"{where}: '{key}' must be a string, got {type(val).__name__} ({shown})")
     return val
 
 
@@ -111,7 +110,11 @@ def _alpaca_record(rec: Any, where: str, index: int, source: str, cols: Columns)
     out = _str_field(rec, cols.output, where, required=False) if cols.output else ""
     inp, out = inp or "", out or ""
     rid = str(rec[cols.id]) if cols.id and rec.get(cols.id) is not None else f"record_{index}"
-    is_cls = bool(rec[cols.is_classification]) if cols.is_classification and cols.is_classification in rec else None
+    is_cls = rec.get(cols.is_classification) if cols.is_classification else None
+    if isinstance(is_cls, str) and is_cls.strip().lower() in ("true", "false"):  # a CSV cell
+        is_cls = is_cls.strip().lower() == "true"
+    if is_cls is not None and not isinstance(is_cls, bool):
+        raise UserError(f"{where}: '{cols.is_classification}' must be true or false, got {type(is_cls).__name__}")
     return Task(id=rid, instruction=instruction, instances=[Instance(input=inp, output=out)],
                 is_classification=is_cls, source=source)
 
@@ -256,18 +259,23 @@ def run(ctx: StageContext) -> None:
     ctx.stats.rows_in = len(tasks)
     kept: list[Task] = []
     seen: dict[str, str] = {}
+    duplicates = 0
     for t in tasks:
         if not t.instruction.strip():
             ctx.reject(t, "empty_instruction", "the instruction is empty")
             continue
         key = _norm(t.instruction)
         if key in seen:
-            ctx.log.warning("duplicate instruction in seeds: %s (same as %s)", t.id, seen[key])
+            duplicates += 1
             if options.drop_duplicates:
                 ctx.reject(t, "duplicate_instruction", f"same instruction as {seen[key]}")
                 continue
         seen.setdefault(key, t.id)
         kept.append(t)
+    if duplicates:
+        ctx.log.warning("%d seed tasks repeat an earlier instruction: %s", duplicates,
+                        "dropped (each, with the task it repeats, in rejected.jsonl)" if options.drop_duplicates
+                        else "kept (drop_duplicates: false)")
     ctx.write_records(kept)
     ctx.stats.metrics.update({
         "tasks": len(kept),

@@ -8,13 +8,13 @@ a re-run after a kill continues from the last one. The output folder (``<run_dir
 is named ``model``) holds safetensors weights, the tokenizer with the template that was trained, a
 generation config with the right end ids, and a model card with the before/after evaluation.
 
-No tokenised data is cached between runs (B11): every run tokenises from the records with the templates
-whose text is in the stage fingerprint.
+The procedure, top to bottom in :func:`run`: data (:mod:`pipeline.training.rows`), the base model's
+evaluation, training (:mod:`pipeline.training.trainer`), the tuned model's evaluation, saving
+(:mod:`pipeline.training.saving`), the card.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -25,25 +25,19 @@ from pipeline.errors import UserError
 from pipeline.models.loading import load_model_and_tokenizer, weights_identity
 from pipeline.paths import DATA_DIR
 from pipeline.records import TrainingExample
+from pipeline.stages import seeds
 from pipeline.stages.context import StageContext
 from pipeline.text.templates import render, template_file
-from pipeline.training.data import (
-    Collator, alpaca_chat_template, encode_dataset, ensure_pad_token, is_chat, response_end_ids, text_blocks,
-)
-from pipeline.training.trainer import TrainOptions, finalize, precision_flags, train
+from pipeline.training import evaluation, rows
+from pipeline.training.data import ensure_pad_token, is_chat
+from pipeline.training.evaluation import EvalOptions
+from pipeline.training.modelcard import display_name, hub_id
+from pipeline.training.report import TABLE, render_results_table
+from pipeline.training.saving import save_model, set_templates, template_files
+from pipeline.training.splits import read_dataset, split_by_task
+from pipeline.training.trainer import TrainOptions, finalize, pick_device, train
 
-try:  # written by the evaluation engineer; the stage trains without it
-    from pipeline.training import evaluation as _evaluation
-    from pipeline.training.evaluation import EvalOptions
-except ImportError:  # pragma: no cover - only while the module is missing
-    _evaluation = None
-    EvalOptions = dict  # type: ignore[misc,assignment]
-
-log = logging.getLogger(__name__)
-CHATML = "chat/chatml.j2"
 CARD = "card/model_card.md.j2"
-ALPACA_NO_INPUT = "formats/alpaca_no_input.j2"
-ALPACA_INPUT = "formats/alpaca_input.j2"
 
 
 class Replay(BaseModel):
@@ -71,16 +65,21 @@ class Options(TrainOptions):
     evaluation: EvalOptions | None = None
 
 
-def dependencies(options: Options) -> list[Path]:
-    """Template and text files whose content enters the fingerprint (a template edit re-runs the stage)."""
-    deps = [template_file(CARD), template_file(options.chat_template or CHATML), template_file(ALPACA_NO_INPUT),
-            template_file(ALPACA_INPUT)]
-    files = options.text_files + (replay_files(options.replay) if options.replay else [])
-    return deps + [Path(f) for f in files]
-
-
 def replay_files(replay: Replay) -> list[str]:
     return replay.text_files or [str(DATA_DIR / "general_text.txt")]
+
+
+def dependencies(options: Options) -> list[Path]:
+    """Files whose content enters the fingerprint: templates, text files, and the evaluation's data."""
+    deps = [template_file(CARD), template_file(TABLE)] + template_files(options.chat_template)
+    files = options.text_files + (replay_files(options.replay) if options.replay else [])
+    evals = evaluation.dependencies(options.evaluation) if options.evaluation else []
+    return deps + [Path(f) for f in files] + evals
+
+
+def identity(options: Options) -> dict[str, Any]:
+    """The base model's weights, as a content hash (never loads them)."""
+    return {"base_weights": weights_identity(options.base_model, options.gguf_file, options.revision)}
 
 
 def check(options: Options) -> None:
@@ -91,19 +90,13 @@ def check(options: Options) -> None:
             raise UserError(f"sft: text file '{f}' not found")
 
 
-# ---- input --------------------------------------------------------------------------------------------
-
 def load_examples(ctx: StageContext) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """(train, validation): the export stage's splits, or the template stage's records (held out by task
     only when evaluation is on)."""
     o: Options = ctx.options
     export = ctx.find_input("export")
     if export is not None and (export.dir / "dataset").exists():
-        import datasets
-
-        dd = datasets.load_from_disk(str(export.dir / "dataset"))
-        conv = lambda ds: [TrainingExample.model_validate(r) for r in ds]  # noqa: E731
-        return conv(dd["train"]), conv(dd["validation"]) if "validation" in dd else []
+        return read_dataset(export.dir / "dataset")
     src = ctx.find_input("template")
     if src is None:
         if o.objective == "continued" or not ctx.inputs:
@@ -112,92 +105,37 @@ def load_examples(ctx: StageContext) -> tuple[list[TrainingExample], list[Traini
     examples = list(ctx.read_records(src, TrainingExample))
     if o.evaluation is None or o.holdout <= 0:
         return examples, []
-    from pipeline.stages.export import split_by_task
-
     return split_by_task(examples, o.holdout, ctx.seed)
 
 
-def read_texts(files: list[str]) -> list[str]:
-    out = []
-    for f in files:
-        try:
-            out.append(Path(f).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise UserError(f"sft: cannot read text file '{f}' ({e.strerror})") from None
-    return out
-
-
-def set_templates(tok: Any, fmt: str, o: Options, chat: bool) -> None:
-    """Put the template the model is trained with on the tokenizer; it is saved with the model (B4)."""
-    if fmt == "alpaca":
-        tok.chat_template = alpaca_chat_template(tok, template_file(ALPACA_NO_INPUT).read_text(encoding="utf-8"))
-    elif chat and (o.chat_template or not getattr(tok, "chat_template", None)):
-        tok.chat_template = template_file(o.chat_template or CHATML).read_text(encoding="utf-8")
-
-
-# ---- run ----------------------------------------------------------------------------------------------
-
-def build_rows(ctx: StageContext, tok: Any, train_ex: list[TrainingExample], s2s: bool) -> tuple[list, dict]:
-    """Training rows and the tokenisation report; dropped rows are rejected with a reason (B2, B10)."""
+def training_rows(ctx: StageContext, tok: Any, train_ex: list[TrainingExample], s2s: bool) -> rows.Rows:
+    """The rows to train on; examples left with no trainable token are rejected with the reason."""
     o: Options = ctx.options
     if o.objective == "continued":
-        if s2s:
-            raise UserError("sft.objective: 'continued' is for decoder-only models")
-        rows = text_blocks(tok, read_texts(o.text_files), o.max_length)
-        n = sum(len(r["input_ids"]) for r in rows)
-        return rows, {"rows": len(rows), "dropped_no_trainable_tokens": 0, "truncated": 0,
-                      "lost_response_tokens": 0, "trained_tokens": n, "input_tokens": n, "replay_rows": 0}
-    rep = encode_dataset(tok, train_ex, o.max_length, s2s)
-    for e in rep.dropped:
+        return rows.continued_rows(tok, o.text_files, o.max_length, s2s)
+    data = rows.instruct_rows(tok, train_ex, o.max_length, s2s)
+    for e in data.dropped:
         ctx.reject(e, "no_trainable_tokens", f"no response token is left within max_length {o.max_length}")
-    rows = rep.rows
-    report = rep.as_dict()
-    replay: list[dict] = []
-    if o.replay is not None and o.replay.share > 0:
-        if s2s:
-            raise UserError("sft.replay: replaying plain text is for decoder-only models")
-        want = int(round(len(rows) * o.replay.share))
-        replay = text_blocks(tok, read_texts(replay_files(o.replay)), min(o.replay.block_size, o.max_length))[:want]
-        report["trained_tokens"] += sum(len(r["labels"]) - 1 for r in replay)
-        report["input_tokens"] += sum(len(r["input_ids"]) for r in replay)
-    report["replay_rows"] = len(replay)
-    if replay and o.evaluation is not None:
-        general = getattr(o.evaluation, "general_text", None) or str(DATA_DIR / "general_text.txt")
-        overlap = any(Path(f).resolve() == Path(general).resolve() for f in replay_files(o.replay))
-        report["replay_is_forgetting_text"] = overlap
+    if o.replay is None or o.replay.share <= 0:
+        return data
+    data = rows.add_replay(data, tok, replay_files(o.replay), o.replay.share, min(o.replay.block_size, o.max_length),
+                           s2s)
+    if data.report["replay_rows"] and o.evaluation is not None:
+        general = evaluation.general_text_path(o.evaluation)
+        overlap = any(Path(f).resolve() == general.resolve() for f in replay_files(o.replay))
+        data.report["replay_is_forgetting_text"] = overlap
         if overlap:
             ctx.log.warning("sft.replay trains on %s, the text the evaluation measures forgetting on: the "
                             "after-tuning perplexity is optimistic; give replay.text_files another file", general)
-    return rows + replay, report
+    return data
 
 
-def make_dataset(rows: list[dict], model: Any, tok: Any, o: Options, s2s: bool) -> tuple[Any, Any, str]:
-    """The Trainer dataset, its collator and the packing mode (``none``, ``mask4d`` or ``varlen``)."""
-    import datasets
-
-    mode = "none"
-    collator: Any = Collator(tok.pad_token_id, s2s)
-    if o.packing:
-        from pipeline.training.packing import FlatteningCollator, PackedCollator, mask_dtype, pack_rows, packing_mode
-
-        mode = packing_mode(model)
-        if mode == "mask4d":
-            rows = pack_rows(rows, o.max_length)
-            collator = PackedCollator(tok.pad_token_id, mask_dtype(precision_flags(o.precision)))
-        else:
-            collator = FlatteningCollator()
-    rows = [{**r, "length": len(r["input_ids"])} for r in rows]
-    return datasets.Dataset.from_list(rows), collator, mode
-
-
-def evaluate(model: Any, tok: Any, examples: list[TrainingExample], o: Options, label: str) -> dict | None:
-    if o.evaluation is None or os.environ.get("RANK", "0") != "0":  # other ranks of a multi-process run train only
-        return None
-    if _evaluation is None:  # pragma: no cover
-        log.warning("pipeline.training.evaluation is missing: skipping evaluation")
-        return None
-    opts = o.evaluation if not isinstance(o.evaluation, dict) else _evaluation.EvalOptions(**o.evaluation)
-    return _evaluation.evaluate_model(model, tok, examples, opts, label)
+def heldout(ctx: StageContext, val_ex: list[TrainingExample]) -> tuple[list[TrainingExample], str]:
+    """The held-out instances (and their source, as the card names it) both models answer."""
+    o: EvalOptions = ctx.options.evaluation
+    path = evaluation.heldout_path(o)
+    tasks = seeds.load_tasks(seeds.Options(path=str(path))) if path else None
+    return evaluation.heldout_examples(val_ex, o, tasks, display_name(str(path), ctx.run_dir) if path else None)
 
 
 def run(ctx: StageContext) -> None:
@@ -206,6 +144,7 @@ def run(ctx: StageContext) -> None:
     o: Options = ctx.options
     check(o)
     torch.manual_seed(ctx.seed)
+    # data
     train_ex, val_ex = load_examples(ctx)
     if o.objective == "instruct" and not train_ex:
         raise UserError(f"stage '{ctx.name}': no training examples (is there a template stage before it?)")
@@ -213,39 +152,42 @@ def run(ctx: StageContext) -> None:
                                           dtype="float32", trust_remote_code=o.trust_remote_code)
     s2s = bool(getattr(model.config, "is_encoder_decoder", False))
     fmt = train_ex[0].format if train_ex else "text"
-    set_templates(tok, fmt, o, any(is_chat(e) for e in train_ex))
+    set_templates(tok, fmt, o.chat_template, any(is_chat(e) for e in train_ex))
     ensure_pad_token(tok, model)
-    tok.padding_side = "right"  # training pads on the right (B3)
-    if torch.cuda.is_available():
-        model.to("cuda")
-
-    before = evaluate(model, tok, val_ex, o, "base")
-    rows, report = build_rows(ctx, tok, train_ex, s2s)
-    if not rows:
+    tok.padding_side = "right"  # training pads on the right (docs/sft-pitfalls.md: padding-side)
+    model.to(pick_device("auto"))
+    # Under torchrun/accelerate only rank 0 evaluates; the other ranks train.
+    held = heldout(ctx, val_ex) if o.evaluation and os.environ.get("RANK", "0") == "0" else None
+    before = evaluation.evaluate_model(model, tok, val_ex, *held, o.evaluation, "base") if held else None
+    data = training_rows(ctx, tok, train_ex, s2s)
+    if not data.rows:
         raise UserError(f"stage '{ctx.name}': every example was dropped (no trainable token within max_length)")
     ctx.stats.rows_in = len(train_ex) if o.objective == "instruct" else len(o.text_files)
-    ds, collator, mode = make_dataset(rows, model, tok, o, s2s)
+    ds, collator, mode = rows.trainer_dataset(data.rows, model, tok, o.packing, o.max_length, o.precision, s2s)
+    # train
     model.config.use_cache = False
     tuned, info = train(model, tok, ds, collator, o, ctx.scratch_dir / "checkpoints", ctx.seed,
                         callbacks=[_progress(ctx)])
     tuned = finalize(tuned, o)
     tuned.config.use_cache = True
     tuned.eval()
-    after = evaluate(tuned, tok, val_ex, o, "tuned")
+    after = evaluation.evaluate_model(tuned, tok, val_ex, *held, o.evaluation, "tuned") if held else None
+    # save
     save_model(ctx.out_dir, tuned, tok, fmt)
-
-    table = None
-    if before is not None and after is not None and _evaluation is not None:
-        table = _evaluation.render_results_table(before, after)
-    card = render(CARD, name=f"{ctx.name} ({o.base_model})", base_model=o.base_model, objective=o.objective,
-                  train_rows=len(train_ex), format=fmt, lora=o.lora, path=str(ctx.run_dir / ctx.name),
-                  results_table=table, dropped=report["dropped_no_trainable_tokens"], max_length=o.max_length,
+    change = evaluation.compare(before, after, o.evaluation.seed) if held else None
+    # card and numbers
+    report = data.report
+    card = render(CARD, name=f"{ctx.name} ({display_name(o.base_model, ctx.run_dir)})",
+                  base_model=display_name(o.base_model, ctx.run_dir), hub_id=hub_id(o.base_model),
+                  objective=o.objective, train_rows=len(train_ex), format=fmt, lora=o.lora, path=ctx.name,
+                  results_table=render_results_table(before, after, change) if held else None,
+                  dropped=report["dropped_no_trainable_tokens"], max_length=o.max_length,
                   truncated=report["truncated"], lost=report["lost_response_tokens"],
                   replay_rows=report["replay_rows"], trained_tokens=report["trained_tokens"],
                   steps=info["global_step"], train_loss=round(info["train_loss"], 4), o=o,
                   loss_curve=info["loss_curve"])
     (ctx.out_dir / "README.md").write_text(card, encoding="utf-8")
-    ctx.stats.rows_out = len(rows)
+    ctx.stats.rows_out = len(data.rows)
     ctx.stats.metrics.update(
         train_rows=len(train_ex), validation_rows=len(val_ex), replay_rows=report["replay_rows"],
         dropped=report["dropped_no_trainable_tokens"], truncated=report["truncated"],
@@ -253,11 +195,11 @@ def run(ctx: StageContext) -> None:
         input_tokens=report["input_tokens"], packing=mode,
         replay_is_forgetting_text=report.get("replay_is_forgetting_text", False), steps=info["global_step"],
         train_loss=info["train_loss"], loss_curve=info["loss_curve"], resumed_from=info["resumed_from"],
-        base_weights=weights_identity(o.base_model, o.gguf_file, o.revision))
-    if before is not None and after is not None:
-        strip = lambda r: {k: v for k, v in r.items() if k != "samples"}  # noqa: E731
-        ctx.stats.metrics["evaluation"] = {"before": strip(before), "after": strip(after)}
-        ctx.write_side_json("evaluation.json", {"before": before, "after": after})
+        **identity(o))
+    if held:
+        ctx.stats.metrics["evaluation"] = {"before": evaluation.summary(before), "after": evaluation.summary(after),
+                                           "change": change}
+        ctx.write_side_json("evaluation.json", {"before": before, "after": after, "change": change})
 
 
 def _progress(ctx: StageContext):
@@ -283,22 +225,3 @@ def _progress(ctx: StageContext):
             self.bar.close()
 
     return Progress()
-
-
-def save_model(out: Path, model: Any, tok: Any, fmt: str) -> None:
-    """Weights (safetensors), tokenizer with the trained template, generation config with the end ids."""
-    if fmt == "alpaca":
-        for name in ("alpaca_input", "alpaca_no_input"):
-            src = template_file(f"formats/{name}.j2").read_text(encoding="utf-8")
-            (out / f"prompt_{name.split('_', 1)[1]}.j2").write_text(src, encoding="utf-8")
-    ends = response_end_ids(tok)
-    model.generation_config.eos_token_id = ends
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    side, init_side = tok.padding_side, tok.init_kwargs.get("padding_side")
-    tok.padding_side = tok.init_kwargs["padding_side"] = "left"  # saved for batched generation (B3)
-    try:
-        tok.save_pretrained(out)
-    finally:
-        tok.padding_side = side
-        tok.init_kwargs.pop("padding_side") if init_side is None else tok.init_kwargs.update(padding_side=init_side)

@@ -1,33 +1,23 @@
-"""``template``: render every instance into a training format whose text lives in prompts/formats/.
-
-* ``alpaca`` — the two classic prompts (with / without input), each ending on a token boundary
-  (``### Response:`` and a newline); response = output (the SFT stage appends the EOS id);
-* ``chat`` — messages (optional system, user = instruction + input, assistant = output), rendered later with
-  the target model's own chat template;
-* ``sharegpt`` — ``conversations`` with ``from``/``value``;
-* ``custom`` — any Jinja template given by path, rendered with the record's fields (the prompt).
-"""
+"""``template``: render every instance into a training format whose text lives in prompts/formats/
+(``alpaca``, ``chat``, ``sharegpt`` or ``custom``; see :mod:`pipeline.training.formats`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.errors import UserError
 from pipeline.records import Instance, Task, TrainingExample
 from pipeline.stages.context import StageContext
-from pipeline.text.templates import render, template_file
-
-ALPACA_INPUT = "formats/alpaca_input.j2"
-ALPACA_NO_INPUT = "formats/alpaca_no_input.j2"
-CHAT_USER = "formats/chat_user.j2"
+from pipeline.text.templates import template_file
+from pipeline.training.formats import ALPACA_INPUT, ALPACA_NO_INPUT, CHAT_USER, Format, render_instance
 
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["alpaca", "chat", "sharegpt", "custom"] = "alpaca"
+    format: Format = "alpaca"
     template: str | None = None  # custom: a Jinja template rendering the prompt
     system_prompt: str | None = None
     max_instances_per_task: int = 5
@@ -41,8 +31,6 @@ def _templates(o: Options) -> list[str]:
         return [o.alpaca_input_template, o.alpaca_no_input_template]
     if o.format == "custom":
         if not o.template:
-            from pipeline.errors import UserError
-
             raise UserError("stages.template.template: format 'custom' needs a template path")
         return [o.template]
     return [o.chat_user_template]
@@ -60,23 +48,9 @@ def check(options: Options) -> None:
 
 
 def render_example(task: Task, index: int, o: Options) -> TrainingExample:
-    inst = task.instances[index]
-    base = dict(id=f"{task.id}:{index}", task_id=task.id, instruction=task.instruction, input=inst.input,
-                output=inst.output, is_classification=task.is_classification, format=o.format)
-    fields = {"instruction": task.instruction, "input": inst.input, "output": inst.output}
-    if o.format == "alpaca":
-        tpl = o.alpaca_input_template if inst.input.strip() else o.alpaca_no_input_template
-        return TrainingExample(**base, prompt=render(tpl, **fields), response=inst.output)
-    if o.format == "custom":
-        return TrainingExample(**base, prompt=render(o.template, **fields), response=inst.output)
-    user = render(o.chat_user_template, **fields)
-    if o.format == "chat":
-        msgs = ([{"role": "system", "content": o.system_prompt}] if o.system_prompt else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": inst.output}]
-        return TrainingExample(**base, messages=msgs, response=inst.output)
-    conv = ([{"from": "system", "value": o.system_prompt}] if o.system_prompt else []) + [
-        {"from": "human", "value": user}, {"from": "gpt", "value": inst.output}]
-    return TrainingExample(**base, conversations=conv, response=inst.output)
+    return render_instance(task, index, o.format, system_prompt=o.system_prompt, template=o.template,
+                           alpaca_input=o.alpaca_input_template, alpaca_no_input=o.alpaca_no_input_template,
+                           chat_user=o.chat_user_template)
 
 
 def run(ctx: StageContext) -> None:

@@ -1,12 +1,13 @@
-"""Tokenisation and masking for SFT, built so that the usual SFT bugs cannot happen.
+"""Tokenisation and masking for SFT, built so that the usual SFT bugs cannot happen (the names in
+*italics* are entries of docs/sft-pitfalls.md).
 
-* Prompt and response are tokenised separately and their ids concatenated (B5: no token-boundary drift);
-  the prompt's labels are -100 and the response's labels are its ids plus the real end id — the EOS id, or
-  the chat template's end-of-turn id — appended as an id, never as a string (B1).
+* Prompt and response are tokenised separately and their ids concatenated (*token-boundary*); the prompt's
+  labels are -100 and the response's labels are its ids plus the real end id — the EOS id, or the chat
+  template's end-of-turn id — appended as an id, never as a string (*never-stops*).
 * The length budget is split between prompt and response; truncation keeps the end id and is reported
-  (B10); rows left with no trainable token are dropped and counted (B2).
-* :func:`encode_prompt` builds the inference prompt with the same code as training (B4).
-* The collator right-pads and pads labels with -100 whatever the pad id (B1, B3).
+  (*silent-truncation*); rows left with no trainable token are dropped and counted (*no-target*).
+* :func:`encode_prompt` builds the inference prompt with the same code as training (*template-drift*).
+* The collator right-pads and pads labels with -100 whatever the pad id (*never-stops*, *padding-side*).
 * Encoder-decoders (T5, BART): input = the prompt, labels = response + EOS.
 """
 
@@ -38,7 +39,7 @@ class EncodedExample:
 
 @dataclass
 class EncodeReport:
-    """What tokenisation did to a dataset: kept rows, truncation (B10), rows dropped with no trainable token."""
+    """What tokenisation did to a dataset: kept rows, truncation, rows dropped with no trainable token."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     dropped: list[TrainingExample] = field(default_factory=list)
@@ -53,14 +54,19 @@ class EncodeReport:
                 "trained_tokens": self.trained_tokens, "input_tokens": self.input_tokens}
 
 
-def messages_of(example: TrainingExample) -> list[dict[str, str]] | None:
-    """Chat messages (``messages``, or ShareGPT ``conversations`` mapped to roles), or None for prompt formats."""
+def messages_of(example: TrainingExample, plain: bool = False) -> list[dict[str, str]] | None:
+    """Chat messages: ``messages``, or ShareGPT ``conversations`` mapped to roles. A prompt format has none
+    (None), unless ``plain``: then a user turn (instruction, a blank line, input) and the output, as the
+    exported ``messages.jsonl`` has them."""
     if example.messages:
         return [{"role": m["role"], "content": m["content"]} for m in example.messages]
     if example.conversations:
         return [{"role": SHAREGPT_ROLES.get(c["from"], c["from"]), "content": c["value"]}
                 for c in example.conversations]
-    return None
+    if not plain:
+        return None
+    user = example.instruction + (f"\n\n{example.input}" if example.input else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": example.output}]
 
 
 def is_chat(example: TrainingExample) -> bool:
@@ -175,7 +181,8 @@ def encode_example(tokenizer: Any, example: TrainingExample, max_length: int, se
                               decoder=True, prompt_length=len(inp))
     if len(prompt) + len(response) <= max_length:
         return EncodedExample(prompt + response, [-100] * len(prompt) + response, prompt_length=len(prompt))
-    # Split the budget: the response keeps at least its share, the prompt the rest; EOS re-appended (B1).
+    # Split the budget: the response keeps at least its share, the prompt the rest; the end id is
+    # re-appended (*never-stops*).
     resp_budget = max(max_length - len(prompt), min(len(response), int(max_length * min_response_share)))
     resp_budget = max(1, min(resp_budget, max_length - 1))
     lost = max(0, len(response) - resp_budget)
@@ -187,7 +194,7 @@ def encode_example(tokenizer: Any, example: TrainingExample, max_length: int, se
 
 def encode_dataset(tokenizer: Any, examples: list[TrainingExample], max_length: int,
                    seq2seq: bool = False) -> EncodeReport:
-    """Encode every example; rows with no trainable token go to ``report.dropped`` (B2)."""
+    """Encode every example; rows with no trainable token go to ``report.dropped`` (*no-target*)."""
     rep = EncodeReport()
     for e in examples:
         enc = encode_example(tokenizer, e, max_length, seq2seq)
@@ -252,7 +259,7 @@ def ensure_pad_token(tokenizer: Any, model: Any = None) -> bool:
 
 
 def alpaca_chat_template(tokenizer: Any, prompt_template: str) -> str:
-    """A tokenizer chat template that renders the trained Alpaca prompt from messages (B4).
+    """A tokenizer chat template that renders the trained Alpaca prompt from messages (*template-drift*).
 
     ``prompt_template`` is the text of the no-input Alpaca template (from prompts/formats/); the wrapper
     only loops over messages: a user message fills ``instruction``, an assistant message is followed by EOS.

@@ -1,4 +1,4 @@
-"""Padding-free packing that never lets one example attend to another (B6).
+"""Padding-free packing that never lets one example attend to another (docs/sft-pitfalls.md: *packing-leak*).
 
 Per-example ``position_ids`` alone do not isolate packed examples under eager / sdpa attention, so:
 

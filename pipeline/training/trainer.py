@@ -1,8 +1,8 @@
 """Training on transformers' ``Trainer``: arguments, LoRA, gradient checkpointing, checkpoint resume.
 
-``Trainer`` already normalises gradient accumulation by the number of label tokens (B7), handles mixed
-precision, distributed training (accelerate/torchrun) and checkpoint resume; seedtune writes only the
-data layer.
+``Trainer`` already normalises gradient accumulation by the number of label tokens (docs/sft-pitfalls.md:
+*accumulation-normalisation*), handles mixed precision, distributed training (accelerate/torchrun) and
+checkpoint resume; seedtune writes only the data layer.
 """
 
 from __future__ import annotations
@@ -51,6 +51,15 @@ class TrainOptions(BaseModel):
     extra_args: dict[str, Any] = Field(default_factory=dict)  # any other TrainingArguments field
 
 
+def pick_device(name: str = "auto") -> str:
+    """``auto``: cuda when available, else cpu; any other name as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def precision_flags(precision: str) -> dict[str, bool]:
     import torch
 
@@ -77,7 +86,7 @@ def apply_lora(model: Any, lora: LoraOptions, gradient_checkpointing: bool) -> A
         raise MissingExtra("LoRA training", "lora", "peft") from None
     task = TaskType.SEQ_2_SEQ_LM if getattr(model.config, "is_encoder_decoder", False) else TaskType.CAUSAL_LM
     if gradient_checkpointing:
-        # Without inputs that require grad, checkpointed LoRA layers get no gradient (B8).
+        # Without inputs that require grad, checkpointed LoRA layers get no gradient (*lora-checkpointing*).
         model.enable_input_require_grads()
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=lora.target_modules, task_type=task)
@@ -105,7 +114,8 @@ def training_arguments(o: TrainOptions, output_dir: Path, seed: int, num_rows: i
     else:
         args["group_by_length"] = o.group_by_length
     if o.gradient_checkpointing:
-        # non-reentrant checkpointing gives LoRA layers gradients (B8); transformers 5 renamed the fields
+        # non-reentrant checkpointing gives LoRA layers gradients (*lora-checkpointing*); transformers 5
+        # renamed the fields
         key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
         args.update({key: True, f"{key}_kwargs": {"use_reentrant": False}})
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:

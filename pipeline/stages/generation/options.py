@@ -21,6 +21,8 @@ class Templates(BaseModel):
     answer: str = "self_instruct/answer.j2"
     alpaca: str = "alpaca/generate.j2"
     alpaca_chat: str = "alpaca/generate_chat.j2"
+    evol_depth: str = "evol/depth.j2"
+    evol_breadth: str = "evol/breadth.j2"
 
 
 def _params(**kw) -> GenParams:
@@ -31,7 +33,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    mode: Literal["self_instruct", "alpaca"] = "self_instruct"
+    mode: Literal["self_instruct", "alpaca", "evol"] = "self_instruct"
     target: int = Field(100, ge=1)  # instructions that pass the online filters
     max_requests: int = Field(1000, ge=1)  # bootstrap (or alpaca) requests at most
     batch_size: int = Field(8, ge=1)  # requests per round
@@ -47,6 +49,10 @@ class Options(BaseModel):
     alpaca_style: Literal["completion", "chat"] = "completion"
     alpaca_examples: int = 3
     alpaca_num_tasks: int = 20
+    evol_rounds: int = Field(3, ge=1)  # evol: rounds of evolution, each one journaled batch
+    evol_breadth_share: float = Field(0.2, ge=0.0, le=1.0)  # evol: share of in-breadth evolutions
+    evol_min_words: int = Field(3, ge=1)  # evol: shorter evolved instructions are eliminated
+    evol_params: GenParams = Field(default_factory=lambda: _params(temperature=0.7, max_tokens=256))
     json_mode: bool = False  # ask the backend for JSON output in chat prompts
     templates: Templates = Field(default_factory=Templates)
     bootstrap_params: GenParams = Field(default_factory=lambda: _params(
