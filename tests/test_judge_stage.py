@@ -43,6 +43,12 @@ def test_unparseable_judgements(text):
     assert judge.parse_judgement(text, 5) is None
 
 
+def judged(srv) -> list[dict]:
+    """The judge's requests among those the server received (json_mode: true also sends a probe when the
+    model is checked)."""
+    return [b for b in srv.log if "### Instruction\n" in b["messages"][0]["content"]]
+
+
 def instruction_of(body: dict) -> str:
     content = body["messages"][0]["content"]
     return content.split("### Instruction\n", 1)[1].split("\n", 1)[0]
@@ -55,6 +61,8 @@ def score_of(instruction: str) -> int:
 def answer(body: dict) -> str:
     """A judge whose score is a hash of the instruction: JSON when asked for it, text otherwise; a few
     answers carry no score at all."""
+    if "### Instruction\n" not in body["messages"][0]["content"]:  # the check's probe
+        return '["red", "blue"]'
     ins = instruction_of(body)
     if ins.startswith("Translate"):
         return "I cannot rate this."
@@ -89,7 +97,7 @@ def test_judge_through_the_cli_keeps_scores_and_rejects_below_min(tmp_path, json
         cfg = config(tmp_path, srv.url, json_mode)
         r = subprocess.run(CLI + [str(cfg), "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 0, r.stderr
-        assert len(srv.log) == 30 and all(("response_format" in b) == json_mode for b in srv.log)
+        assert len(judged(srv)) == 30 and all(("response_format" in b) == json_mode for b in judged(srv))
         kept = read(tmp_path / "run" / "judge" / "records.jsonl")
         rejected = read(tmp_path / "run" / "judge" / "rejected.jsonl")
         unparseable = {s["id"] for s in seeds if s["instruction"].startswith("Translate")}
@@ -117,7 +125,7 @@ def test_judge_through_the_cli_keeps_scores_and_rejects_below_min(tmp_path, json
         cfg.write_text(cfg.read_text().replace("min_score: 3", "min_score: 4"))
         r = subprocess.run(CLI + [str(cfg), "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 0, r.stderr
-        assert len(srv.log) == 30
+        assert len(judged(srv)) == 30
         kept4 = read(tmp_path / "run" / "judge" / "records.jsonl")
         assert {t["id"] for t in kept4} == {i for i in expected_kept if score_of(next(
             s["instruction"] for s in seeds if s["id"] == i)) >= 4}
@@ -136,11 +144,11 @@ def test_failed_judge_requests_are_rejected_then_retried(tmp_path):
         failed = [x for x in read(tmp_path / "run" / "judge" / "rejected.jsonl") if x["rule"] == "judge_request_failed"]
         assert failed and all(score_of(x["record"]["instruction"]) == 5 for x in failed)
         assert all("http_500" in x["reason"] for x in failed)
-        n_failed, sent = len(failed), len(srv.log)
+        n_failed, sent = len(failed), len(judged(srv))
         failing["on"] = False
         r = subprocess.run(CLI + [str(cfg), "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 0, r.stderr
-        assert len(srv.log) == sent + n_failed  # only the failed requests went out again
+        assert len(judged(srv)) == sent + n_failed  # only the failed requests went out again
         kept = read(tmp_path / "run" / "judge" / "records.jsonl")
         assert sum(t["meta"]["judge_score"] == 5 for t in kept) == n_failed
 
@@ -153,20 +161,20 @@ def test_judge_killed_mid_stage_never_resends_an_answered_request(tmp_path):
         for k in range(2):
             committed = ({json.loads(x)["messages"][0]["content"] for (x,) in
                           sqlite3.connect(str(db)).execute("SELECT request FROM results")} if db.exists() else set())
-            start = len(srv.log)
+            start = len(judged(srv))
             p = subprocess.Popen(CLI + [str(cfg), "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
-            while len(srv.log) < start + 8 + 4 * k and p.poll() is None:
+            while len(judged(srv)) < start + 8 + 4 * k and p.poll() is None:
                 time.sleep(0.01)
             p.send_signal(signal.SIGKILL)
             p.wait()
-            resent += [b for b in srv.log[start:] if b["messages"][0]["content"] in committed]
+            resent += [b for b in judged(srv)[start:] if b["messages"][0]["content"] in committed]
             if k == 1:
                 assert committed, "nothing was committed before the second kill"
         r = subprocess.run(CLI + [str(cfg), "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 0, r.stderr
         assert resent == []
-        contents = [b["messages"][0]["content"] for b in srv.log]
+        contents = [b["messages"][0]["content"] for b in judged(srv)]
         answered_twice = [c for c in set(contents) if contents.count(c) > 1]
         committed = {json.loads(x)["messages"][0]["content"] for (x,) in
                      sqlite3.connect(str(db)).execute("SELECT request FROM results")}
