@@ -151,7 +151,7 @@ def test_older_vllm_uses_guided_decoding(monkeypatch):
 def test_identity_does_not_start_the_engine(fake_vllm):
     b = create(Options(model="org/model", revision="abc"))
     ident = b.identity()
-    assert ident["backend"] == "vllm" and ident["weights"] == "id:org/model@abc" and "init" not in fake_vllm
+    assert ident["backend"] == "vllm" and ident["weights"].startswith("hub:org/model@abc") and "init" not in fake_vllm
 
 
 def test_missing_vllm_names_the_extra(monkeypatch):
