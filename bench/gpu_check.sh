@@ -136,11 +136,9 @@ stages:
   model:
     kind: sft
     base_model: $MODEL_DIR
-    max_steps: 4
-    per_device_batch_size: 4
-    precision: bf16
     max_length: 256
-    save_steps: 4
+    packing: true
+    train: {max_steps: 4, per_device_batch_size: 4, precision: bf16, save_steps: 4}
 EOF
   rm -rf "$RUN_DIR"
   if timeout 900 "$PY" -m pipeline run "$OUT/gpu_check.yaml" --no-progress > "$OUT/pipeline.log" 2>&1; then

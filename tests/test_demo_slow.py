@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "stages.generate.target=10", "--set", "stages.generate.max_requests=24",
-         "--set", "stages.model.max_steps=3", "--set", "stages.model.save_steps=2",
+         "--set", "stages.model.train.max_steps=3", "--set", "stages.model.train.save_steps=2",
          "--set", "stages.model.evaluation.max_examples=2", "--set", "stages.model.evaluation.max_new_tokens=48",
          "--set", "stages.model.evaluation.max_general_tokens=256"]
 

@@ -343,8 +343,8 @@ def test_evaluate_stage_end_to_end(tmp_path):
     heldout = _heldout_file(tmp_path / "heldout.jsonl")
     text = tmp_path / "general.txt"
     text.write_text(TEXT, encoding="utf-8")
-    o = evaluate.Options(base_model=str(base), heldout=str(heldout), general_text=str(text), max_new_tokens=4,
-                         max_examples=3)
+    o = evaluate.Options(base_model=str(base), evaluation=dict(heldout=str(heldout), general_text=str(text),
+                                                               max_new_tokens=4, max_examples=3))
     deps = set(map(str, evaluate.dependencies(o)))
     assert {str(text), str(heldout)} <= deps and any(d.endswith("results_table.md.j2") for d in deps)
     ctx = _ctx(tmp_path, o, [StageInput("export", "export", export), StageInput("model", "sft", tuned)])
@@ -371,7 +371,7 @@ def test_evaluate_stage_end_to_end(tmp_path):
     from pipeline.models.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(tuned))
-    direct = _evaluate(model, tok, [TrainingExample.model_validate(r) for r in rows[2:]], evaluate.eval_options(o),
+    direct = _evaluate(model, tok, [TrainingExample.model_validate(r) for r in rows[2:]], o.evaluation,
                        "tuned")
     assert direct["general_ppl"] == pytest.approx(after["general_ppl"], rel=1e-6)
     assert direct["validation_loss"] == pytest.approx(after["validation_loss"], rel=1e-6)
@@ -386,8 +386,9 @@ def test_evaluate_stage_reads_template_records_and_needs_a_tuned_model(tmp_path)
     write_jsonl(tdir / "records.jsonl", _examples())
     text = tmp_path / "general.txt"
     text.write_text(TEXT, encoding="utf-8")
-    o = evaluate.Options(base_model=str(base), general_text=str(text), max_new_tokens=2, max_examples=2,
-                         heldout=str(_heldout_file(tmp_path / "h.jsonl")))
+    o = evaluate.Options(base_model=str(base), evaluation=dict(general_text=str(text), max_new_tokens=2,
+                                                               max_examples=2,
+                                                               heldout=str(_heldout_file(tmp_path / "h.jsonl"))))
     ctx = _ctx(tmp_path, o, [StageInput("template", "template", tdir)])
     with pytest.raises(UserError, match="tuned"):
         evaluate.run(ctx)

@@ -63,8 +63,8 @@ stages:
         assert r.returncode == 0, r.stderr
         out = tmp_path / "run" / "generate"
         raw = [json.loads(x) for x in (out / "raw_completions.jsonl").read_text().splitlines()]
-        steps = [x["step"] for x in raw]
-        assert [steps.count(f"evol_round_{k}") for k in (1, 2, 3)] == [20, 20, 20]  # every lineage, every round
+        rounds = [x["tag"].split(":")[1] for x in raw if x["step"] == "evol"]
+        assert [rounds.count(str(k)) for k in (1, 2, 3)] == [20, 20, 20]  # every lineage, every round
         kept = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
         rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
         rules = {x["rule"] for x in rejected}

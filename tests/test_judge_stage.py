@@ -82,6 +82,7 @@ stages:
   seeds: {{path: {SEEDS}, limit: {limit}}}
   judge: {{model: m, min_score: 3}}
   template: {{}}
+  export: {{validation_fraction: 0.2}}
 """)
     return cfg
 
@@ -119,6 +120,13 @@ def test_judge_through_the_cli_keeps_scores_and_rejects_below_min(tmp_path, json
         assert set(dist) == {"1", "2", "3", "4", "5"} and sum(dist.values()) == 30 - len(unparseable)
         assert all(dist[str(k)] == sum(score_of(s["instruction"]) == k for s in seeds if s["id"] not in unparseable)
                    for k in range(1, 6))
+        # the dataset card shows the distribution and the judge's line in the funnel
+        card = (tmp_path / "run" / "export" / "README.md").read_text()
+        n = 30 - len(unparseable)
+        assert f"{n} tasks scored by the judge model; those below 3 were dropped" in card
+        for k in range(1, 6):
+            assert f"| {k} | {dist[str(k)]} | {100 * dist[str(k)] / n:.1f}% |" in card
+        assert f"| judge: judge_below_min | {len(below)} |" in card
         # a re-run is cached; a changed min_score re-runs the stage from the journal: no request either way
         r = subprocess.run(CLI + [str(cfg), "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 0, r.stderr

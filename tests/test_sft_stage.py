@@ -78,7 +78,8 @@ def opts(base: Path, **kw) -> sft.Options:
     d = dict(base_model=str(base), max_steps=12, learning_rate=3e-3, per_device_batch_size=4, warmup_ratio=0.0,
              lr_scheduler="constant", logging_steps=2, save_steps=100, max_length=96, precision="fp32")
     d.update(kw)
-    return sft.Options(**d)
+    train = {k: d.pop(k) for k in list(d) if k in TrainOptions.model_fields}  # the Trainer's settings
+    return sft.Options(**d, train=train)
 
 
 def run_stage(ctx: StageContext) -> dict:
@@ -281,7 +282,7 @@ def test_fingerprint_inputs_cover_evaluation_files_and_base_weights(tmp_path):
     assert any(p.endswith("chatml.j2") for p in deps) and any(p.endswith("model_card.md.j2") for p in deps)
     held.write_text(held.read_text().replace("yes", "no"))
     assert stage_dependencies(sft, o) != deps  # an edited held-out set recomputes the stage
-    e = evaluate.Options(base_model=str(base), heldout=str(held), general_text=str(text))
+    e = evaluate.Options(base_model=str(base), evaluation=dict(heldout=str(held), general_text=str(text)))
     assert {str(held), str(text)} <= set(stage_dependencies(evaluate, e))
     before = sft.identity(o)
     assert before == evaluate.identity(e) and len(before["base_weights"]) == 24  # a content hash

@@ -49,8 +49,8 @@ stages:
   filter: {{}}
   template: {{format: chat}}
   export: {{validation_fraction: 0.2}}
-  model: {{kind: sft, base_model: {model}, max_steps: {STEPS}, save_steps: 4, per_device_batch_size: 2,
-           max_length: 128, logging_steps: 1}}
+  model: {{kind: sft, base_model: {model}, max_length: 128,
+           train: {{max_steps: {STEPS}, save_steps: 4, per_device_batch_size: 2, logging_steps: 1}}}}
 """)
     return cfg
 
@@ -98,3 +98,27 @@ def test_two_processes_train_resume_after_kill_and_finish_once(tmp_path):
 
     AutoModelForCausalLM.from_pretrained(run / "model")
     assert AutoTokenizer.from_pretrained(run / "model").chat_template
+
+
+def test_accelerate_launch_trains_data_parallel_on_two_processes(tmp_path):
+    """``accelerate launch`` (its multi-process launcher, gloo on CPU): one epoch on two ranks takes half the
+    steps of one process, each rank a shard of the rows; one manifest, one model folder that loads."""
+    cfg = config(tmp_path)
+    cfg.write_text(cfg.read_text().replace(f"max_steps: {STEPS}, save_steps: 4", "epochs: 1, save_steps: 1000"))
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "pipeline", "run", str(cfg), "--no-progress"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    model = manifest["stages"]["model"]
+    assert model["state"] == "complete"
+    rows, batch = model["rows_out"], 2
+    assert model["metrics"]["steps"] == -(-(-(-rows // 2)) // batch)  # ceil(ceil(rows / ranks) / batch)
+    assert "training on 2 processes" in (run / "seedtune.log").read_text()
+    assert [m.relative_to(tmp_path) for m in tmp_path.rglob("manifest.json")] == [Path("run/manifest.json")]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "model")

@@ -32,7 +32,8 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def generate_config(tmp_path, run_dir, count, extra_model="", target=24, name="c"):
+def generate_config(tmp_path, run_dir, count, extra_model="", target=24, name="c", mode="self_instruct",
+                    max_requests=40):
     return write(tmp_path / f"{name}.yaml", f"""name: g
 run_dir: {run_dir}
 seed: 5
@@ -43,8 +44,8 @@ models:
 {extra_model}
 stages:
   seeds: {{path: {SEEDS}, limit: 40}}
-  generate: {{model: m, target: {target}, max_requests: 40, batch_size: 4, num_prompt_instructions: 4,
-             num_machine_examples: 1, instances_style: answer}}
+  generate: {{model: m, target: {target}, max_requests: {max_requests}, batch_size: 4, num_prompt_instructions: 4,
+             num_machine_examples: 1, instances_style: answer, mode: {mode}, evol_rounds: 3, evol_min_words: 1}}
 """)
 
 
@@ -149,21 +150,26 @@ stages:
 
 # ---- 5. rounds never re-key ------------------------------------------------------------------------------
 
-def test_a_late_success_pays_for_nothing_twice_and_leaves_no_answer_unused(tmp_path):
+@pytest.mark.parametrize("mode,step", [("self_instruct", "bootstrap"), ("evol", "evol")])
+def test_a_late_success_pays_for_nothing_twice_and_leaves_no_answer_unused(tmp_path, mode, step):
+    """A request that failed answers on the next run; the answers of later rounds, whose prompts it would
+    have changed (the machine examples of Self-Instruct, the lineage of Evol-Instruct), all stay in use."""
     count, run_dir = tmp_path / "count.txt", tmp_path / "run"
-    failing = "    fail_every: 3\n    fail_steps: [bootstrap]"
-    r = cli("run", generate_config(tmp_path, run_dir, count, failing, target=60), "--no-progress")
+    sizes = {"target": 60} if mode == "self_instruct" else {"target": 200, "max_requests": 120}  # 3 evol rounds
+    failing = f"    fail_every: 3\n    fail_steps: [{step}]"
+    r = cli("run", generate_config(tmp_path, run_dir, count, failing, mode=mode, **sizes), "--no-progress")
     assert r.returncode == 4, r.stderr
     first, paid = sent(count), committed(run_dir)
     assert len(first) == len(set(first))
     # The server "recovers": the failed bootstrap requests are sent once more; no answered one is.
-    r = cli("run", generate_config(tmp_path, run_dir, count, target=60), "--no-progress")
+    r = cli("run", generate_config(tmp_path, run_dir, count, mode=mode, **sizes), "--no-progress")
     assert r.returncode == 0, r.stderr
     again = sent(count)[len(first):]
     assert not set(again) & paid, "an answered request was paid for twice"
     assert set(again) & set(first), "the failed requests were not retried"
     con = sqlite3.connect(str(run_dir / "journal.sqlite"))
-    answered = {k for (k, req) in con.execute("SELECT key, request FROM results") if '"tag":"bootstrap' in req}
+    answered = {k for (k, req) in con.execute("SELECT key, request FROM results")
+                if json.loads(req)["tag"].startswith(step)}
     con.close()
     # Every bootstrap answer in the journal is used: it shows up in provenance in records or rejections.
     used = set()
@@ -173,11 +179,11 @@ def test_a_late_success_pays_for_nothing_twice_and_leaves_no_answer_unused(tmp_p
             body = rec.get("record", rec)
             prov = body.get("provenance") or {}
             used.add(prov.get("request_key"))
-    assert answered <= used, f"{len(answered - used)} answered bootstrap requests left unused"
+    assert answered and answered <= used, f"{len(answered - used)} answered {step} requests left unused"
     # A third run replays the same order: cached, and from scratch (--from) the same records, nothing sent.
     out = (run_dir / "generate" / "records.jsonl").read_bytes()
     n = len(sent(count))
-    assert cli("run", generate_config(tmp_path, run_dir, count, target=60), "--no-progress", "--from",
+    assert cli("run", generate_config(tmp_path, run_dir, count, mode=mode, **sizes), "--no-progress", "--from",
                "generate").returncode == 0
     assert len(sent(count)) == n and (run_dir / "generate" / "records.jsonl").read_bytes() == out
 

@@ -21,7 +21,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pipeline.models.base import Failure, ModelRequest, ModelResult, ResultSink
-from pipeline.models.openai_backend import Fatal, FormatRejected, Retryable, alternatives, classify_status, wire
+from pipeline.models.openai_wire import alternatives, wire
+from pipeline.models.transport import Fatal, FormatRejected, Retryable, classify_status
 from pipeline.models.transport import ERROR_CHARS, one_line
 
 log = logging.getLogger(__name__)

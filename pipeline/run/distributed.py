@@ -18,6 +18,7 @@ state), so a run killed mid-training and started again under the same launcher r
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 RANKED_KINDS = ("sft",)
 # How long a follower waits for rank 0 (generation before the first training stage can take long).
 WAIT = timedelta(hours=float(os.environ.get("SEEDTUNE_RANK_WAIT_HOURS", "72")))
+LEAVE = timedelta(minutes=5)  # how long the ranks wait for each other at the end
 
 
 def world_size() -> int:
@@ -76,7 +78,20 @@ def run_ranks(table: dict[str, str], lead: Callable[[], int]) -> int:
         return code
     finally:
         _broadcast({"exit": code})
-        dist.destroy_process_group()
+        _leave(dist)
+
+
+def _leave(dist: Any) -> None:
+    """Leave the process group, every rank together. The Trainer's DDP wrapper, kept alive by reference cycles,
+    holds the group and its gloo threads: collected now, while the interpreter is whole (freed during its
+    shutdown instead, a rank can abort with "terminate called without an active exception")."""
+    gc.collect()
+    # no rank tears down the group while another still uses it (gloo can time the wait; NCCL cannot)
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=LEAVE)
+    else:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def lead_stage(ctx: StageContext) -> None:
@@ -95,7 +110,7 @@ def follow(table: dict[str, str]) -> int:
     while True:
         message = _broadcast()
         if "exit" in message:
-            dist.destroy_process_group()
+            _leave(dist)
             return int(message["exit"])
         _follow_stage(message["stage"], table)
 

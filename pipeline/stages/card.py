@@ -12,7 +12,7 @@ from pipeline.records import Task, TrainingExample, read_jsonl
 from pipeline.stages.context import REJECTED_FILE, StageInput
 from pipeline.text.rouge import NearDuplicateIndex
 
-CLEANING_KINDS = ("generate", "filter", "dedup", "decontaminate")
+CLEANING_KINDS = ("generate", "filter", "judge", "dedup", "decontaminate")
 
 
 def stage_info(inp: StageInput) -> dict[str, Any]:
@@ -63,6 +63,23 @@ def funnel(inputs: list[StageInput], final_examples: int) -> tuple[list[dict], d
     rows.append({"step": "final: tasks", "removed": None, "remaining": remaining})
     rows.append({"step": "final: examples (one per instance)", "removed": None, "remaining": final_examples})
     return rows, dict(instance_notes)
+
+
+def judge_scores(inputs: list[StageInput]) -> list[dict[str, Any]]:
+    """Each judge stage's score distribution: [{name, min_score, rows: [{score, count, share}], judged}]."""
+    out = []
+    for inp in inputs:
+        if inp.kind != "judge":
+            continue
+        info = stage_info(inp)
+        metrics = info.get("stats", {}).get("metrics", {})
+        scores = metrics.get("judge_scores", {})
+        total = sum(scores.values())
+        rows = [{"score": int(s), "count": n, "share": n / total if total else 0.0}
+                for s, n in sorted(scores.items(), key=lambda kv: int(kv[0]))]
+        out.append({"name": inp.name, "min_score": metrics.get("min_score"), "rows": rows,
+                    "judged": total})
+    return out
 
 
 def _words(s: str) -> int:

@@ -17,7 +17,7 @@ import gc
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import UserError
 from pipeline.models.loading import load_model_and_tokenizer, weights_identity
@@ -35,7 +35,7 @@ from pipeline.training.trainer import pick_device
 REPORT = "card/evaluation.md.j2"
 
 
-class Options(EvalOptions):
+class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_model: str  # folder, hub id, .gguf file or pkg://DIST/PATH
@@ -45,15 +45,12 @@ class Options(EvalOptions):
     tuned: str | None = None  # default: the latest earlier sft stage's folder
     dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
-
-
-def eval_options(o: Options) -> EvalOptions:
-    return EvalOptions(**{k: getattr(o, k) for k in EvalOptions.model_fields})
+    evaluation: EvalOptions = Field(default_factory=EvalOptions)  # what is measured, as under sft's evaluation:
 
 
 def dependencies(options: Options) -> list[Path]:
     """The data files scored and the report's templates; the tuned model enters through the upstream stage."""
-    return evaluation.dependencies(eval_options(options)) + [template_file(TABLE), template_file(REPORT)]
+    return evaluation.dependencies(options.evaluation) + [template_file(TABLE), template_file(REPORT)]
 
 
 def identity(options: Options) -> dict[str, Any]:
@@ -102,7 +99,7 @@ def measure(spec: str, o: Options, examples: list[TrainingExample], held: tuple[
     if chat_template and not getattr(tok, "chat_template", None):
         tok.chat_template = chat_template  # the base model is prompted exactly as the tuned one (*template-drift*)
     try:
-        return evaluation.evaluate_model(model, tok, examples, *held, eval_options(o), label)
+        return evaluation.evaluate_model(model, tok, examples, *held, o.evaluation, label)
     finally:
         del model
         gc.collect()
@@ -117,15 +114,15 @@ def run(ctx: StageContext) -> None:
     tuned = tuned_folder(ctx)
     examples = validation_examples(ctx)
     ctx.stats.rows_in = len(examples)
-    path = evaluation.heldout_path(o)
+    path = evaluation.heldout_path(o.evaluation)
     tasks = seeds.load_tasks(seeds.Options(path=str(path))) if path else None
-    held = evaluation.heldout_examples(examples, eval_options(o), tasks,
+    held = evaluation.heldout_examples(examples, o.evaluation, tasks,
                                        display_name(str(path), ctx.run_dir) if path else None)
     template = getattr(AutoTokenizer.from_pretrained(str(tuned), trust_remote_code=o.trust_remote_code),
                        "chat_template", None)
     before = measure(o.base_model, o, examples, held, "base", template, gguf_file=o.gguf_file, revision=o.revision)
     after = measure(str(tuned), o, examples, held, "tuned", None)
-    change = evaluation.compare(before, after, o.seed)
+    change = evaluation.compare(before, after, o.evaluation.seed)
     table = render_results_table(before, after, change)
     write_json(ctx.out_dir / "results.json", {"before": before, "after": after, "change": change, "table": table,
                                               "base_model": o.base_model, "tuned": display_name(str(tuned), ctx.run_dir)})

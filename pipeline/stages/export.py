@@ -84,6 +84,7 @@ def run(ctx: StageContext) -> None:
         final_tasks=len({e.task_id for e in examples}), seed_count=len(seeds), train_rows=len(train),
         validation_rows=len(val), models=models, templates=templates, config_hash=manifest.get("config_hash", "-"),
         format=examples[0].format if examples else "-", funnel=funnel, instance_notes=instance_notes,
+        judges=card.judge_scores(ctx.inputs),
         lengths=card.length_stats(examples), share_input=sum(bool(e.input) for e in examples) / max(1, n),
         share_classification=sum(bool(e.is_classification) for e in examples) / max(1, n), verbs=verbs[:10],
         rouge={"mean": round(sum(rouge) / len(rouge), 3) if rouge else "-", "max": round(max(rouge), 3) if rouge else "-",

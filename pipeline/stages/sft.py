@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import UserError
 from pipeline.models.loading import load_model_and_tokenizer, weights_identity
@@ -48,7 +48,7 @@ class Replay(BaseModel):
     block_size: int = 256
 
 
-class Options(TrainOptions):
+class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_model: str
@@ -62,7 +62,18 @@ class Options(TrainOptions):
     packing: bool = False
     chat_template: str | None = None  # a template file for base models without one (default: prompts/chat/chatml.j2)
     holdout: float = 0.1  # share of tasks held out for evaluation when the input is the template stage
+    train: TrainOptions = Field(default_factory=TrainOptions)  # the Trainer's settings: steps, lr, batch, LoRA
     evaluation: EvalOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_keys_under_train(cls, data: Any) -> Any:
+        """A training setting at the top level (``max_steps: 24``) belongs under ``train:``: say so."""
+        misplaced = sorted(set(data) & set(TrainOptions.model_fields)) if isinstance(data, dict) else []
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)}: a training setting, it goes under 'train:' "
+                             f"(train: {{{misplaced[0]}: ...}})")
+        return data
 
 
 def replay_files(replay: Replay) -> list[str]:
@@ -163,12 +174,13 @@ def run(ctx: StageContext) -> None:
     if not data.rows:
         raise UserError(f"stage '{ctx.name}': every example was dropped (no trainable token within max_length)")
     ctx.stats.rows_in = len(train_ex) if o.objective == "instruct" else len(o.text_files)
-    ds, collator, mode = rows.trainer_dataset(data.rows, model, tok, o.packing, o.max_length, o.precision, s2s)
+    ds, collator, mode = rows.trainer_dataset(data.rows, model, tok, o.packing, o.max_length, o.train.precision,
+                                                s2s)
     # train
     model.config.use_cache = False
-    tuned, info = train(model, tok, ds, collator, o, ctx.scratch_dir / "checkpoints", ctx.seed,
+    tuned, info = train(model, tok, ds, collator, o.train, ctx.scratch_dir / "checkpoints", ctx.seed,
                         callbacks=[_progress(ctx)])
-    tuned = finalize(tuned, o)
+    tuned = finalize(tuned, o.train)
     tuned.config.use_cache = True
     tuned.eval()
     after = evaluation.evaluate_model(tuned, tok, val_ex, *held, o.evaluation, "tuned") if held else None
@@ -179,7 +191,7 @@ def run(ctx: StageContext) -> None:
     report = data.report
     card = render(CARD, name=f"{ctx.name} ({display_name(o.base_model, ctx.run_dir)})",
                   base_model=display_name(o.base_model, ctx.run_dir), hub_id=hub_id(o.base_model),
-                  objective=o.objective, train_rows=len(train_ex), format=fmt, lora=o.lora, path=ctx.name,
+                  objective=o.objective, train_rows=len(train_ex), format=fmt, lora=o.train.lora, path=ctx.name,
                   results_table=render_results_table(before, after, change) if held else None,
                   dropped=report["dropped_no_trainable_tokens"], max_length=o.max_length,
                   truncated=report["truncated"], lost=report["lost_response_tokens"],

@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 
 from pipeline.models.base import Completion
-from pipeline.records import Instance
-from pipeline.stages.generation.pool import Generation, Item, run_rounds
+from pipeline.records import Instance, Task
+from pipeline.stages.generation.pool import Generation, Item, next_round, run_rounds
 from pipeline.stages.generation.prompts import example_dicts
 from pipeline.text import parsing
 from pipeline.text.templates import render
@@ -27,18 +27,12 @@ def run(g: Generation) -> None:
     params = o.alpaca_params.model_copy(update={"json_schema": TASK_SCHEMA}) if chat and o.json_mode \
         else o.alpaca_params
 
+    def prompt(rng: random.Random) -> tuple[str, list[Task]]:
+        ex = rng.sample(g.seeds, min(o.alpaca_examples, len(g.seeds)))
+        return render(tpl, examples=example_dicts(ex), num_tasks=o.alpaca_num_tasks), ex
+
     def build_round(r: int) -> list[Item]:
-        n = min(o.batch_size, o.max_requests - g.requests)
-        items = []
-        for b in range(n):
-            i = g.requests + b
-            rng = random.Random(f"{g.ctx.seed}:alpaca:{i}")
-            ex = rng.sample(g.seeds, min(o.alpaca_examples, len(g.seeds)))
-            text = render(tpl, examples=example_dicts(ex), num_tasks=o.alpaca_num_tasks)
-            req = g.request(text, params, chat, tag=f"alpaca:{i}", seed=g.ctx.seed * 1_000_003 + i)
-            items.append(g.item(req, tpl, [t.id for t in ex]))
-        g.requests += n
-        return items
+        return next_round(g, "alpaca", tpl, params, chat, prompt)
 
     def absorb(it: Item, res: Completion) -> None:
         text, truncated = res.texts[0], res.finish_reasons[0] == "length"

@@ -5,7 +5,9 @@ eliminated goes on from its last good instruction). Each instruction of a round 
 the run seed, the round and the lineage alone: in-depth (``evol/depth.j2``: add a constraint, deepen,
 concretize, more reasoning steps, a richer input) or in-breadth (``evol/breadth.j2``: a new task of the same
 kind). A round is one batch of journaled requests, so its prompts depend only on the answers of the rounds
-before it and a re-run replays them from the journal.
+before it and a re-run replays them from the journal; rounds run through
+:func:`pipeline.stages.generation.pool.run_rounds`, so a request that failed and answers on a later run joins
+the pool at the first round never sent before (its lineage has moved on) and no paid answer is orphaned.
 
 Elimination (each in ``rejected.jsonl`` with its rule): ``evol_no_change`` (the same instruction, normalised),
 ``evol_copied_prompt`` (the answer repeats the prompt's own words, e.g. "the new task"), ``evol_refusal``,
@@ -20,10 +22,10 @@ import random
 import re
 from dataclasses import dataclass
 
-from pipeline.models.base import Completion
+from pipeline.models.base import Completion, Failure
 from pipeline.records import Provenance
 from pipeline.stages.generation import self_instruct
-from pipeline.stages.generation.pool import Generation
+from pipeline.stages.generation.pool import Generation, Item, run_rounds
 from pipeline.text.templates import render
 
 DEPTH = ("add_constraints", "deepen", "concretize", "reasoning", "complicate_input")
@@ -42,6 +44,7 @@ class Lineage:
     instruction: str
     input: str
     depth: int = 0  # successful evolutions so far
+    built: int = 0  # the last round that asked to evolve it
 
 
 def _normalised(text: str) -> str:
@@ -76,35 +79,47 @@ def run(g: Generation) -> None:
     o = g.o
     tpl = {"depth": o.templates.evol_depth, "breadth": o.templates.evol_breadth}
     lineages = [Lineage(t.id, t.instruction, t.instances[0].input if t.instances else "") for t in g.seeds]
-    for rnd in range(1, o.evol_rounds + 1):
-        if g.done():
-            break
-        batch = lineages[: max(0, o.max_requests - g.requests)]
-        reqs, items = [], []
-        for ln in batch:
+    of: dict[str, tuple[Lineage, str, int]] = {}  # request key -> (lineage, operation, round)
+
+    def build_round(r: int) -> list[Item]:
+        rnd = r + 1
+        if rnd > o.evol_rounds:
+            return []
+        items = []
+        for ln in lineages[: max(0, o.max_requests - g.requests)]:
             op = operation(g.ctx.seed, rnd, ln.root, o.evol_breadth_share)
             name = tpl["breadth"] if op == BREADTH else tpl["depth"]
             text = render(name, operation=op, instruction=ln.instruction, input=ln.input)
-            req = g.request(text, o.evol_params, True, tag=f"evol:{rnd}:{ln.root}",
-                            seed=g.ctx.seed * 1_000_003 + rnd)
-            reqs.append(req)
-            items.append((ln, op, g.item(req, name, [ln.root])))
-        g.requests += len(reqs)
-        for (ln, op, it), res in zip(items, g.call(f"evol_round_{rnd}", reqs)):
-            prov = it.provenance
-            prov.extra.update(evol_round=rnd, evol_operation=op, evol_parent=ln.instruction)
-            record = {"root": ln.root, "parent": ln.instruction, "operation": op, "round": rnd,
-                      "provenance": prov.model_dump()}
-            if not isinstance(res, Completion):
-                g.ctx.reject(record, "evol_request_failed", f"the evolution request failed ({res.kind})")
-                continue
-            evolved = clean(res.texts[0])
-            why = eliminated(ln.instruction, evolved, o.evol_min_words)
-            if why is not None:
-                g.ctx.reject({**record, "text": evolved}, *why)
-                continue
+            req = g.request(text, o.evol_params, True, tag=f"evol:{rnd}:{ln.root}", seed=g.ctx.seed * 1_000_003 + rnd)
+            it = g.item(req, name, [ln.root])
+            it.provenance.extra.update(evol_round=rnd, evol_operation=op, evol_parent=ln.instruction)
+            ln.built = rnd
+            of[it.key] = (ln, op, rnd)
+            items.append(it)
+        g.requests += len(items)
+        return items
+
+    def record(it: Item) -> dict:
+        ln, op, rnd = of[it.key]
+        return {"root": ln.root, "parent": it.provenance.extra["evol_parent"], "operation": op, "round": rnd,
+                "provenance": it.provenance.model_dump()}
+
+    def absorb(it: Item, res: Completion) -> None:
+        ln, op, rnd = of[it.key]
+        parent = it.provenance.extra["evol_parent"]
+        evolved = clean(res.texts[0])
+        why = eliminated(parent, evolved, o.evol_min_words)
+        if why is not None:
+            g.ctx.reject({**record(it), "text": evolved}, *why)
+            return
+        if ln.built == rnd:  # an answer that came late (a retried failure) joins the pool; its lineage moved on
             ln.instruction, ln.depth = evolved, ln.depth + 1
             ln.input = "" if op == BREADTH else ln.input
-            g.consider(evolved, Provenance.model_validate(prov.model_dump()))
+        g.consider(evolved, Provenance.model_validate(it.provenance.model_dump()))
+
+    def failed(it: Item, res: Failure) -> None:
+        g.ctx.reject(record(it), "evol_request_failed", f"the evolution request failed ({res.kind})")
+
+    run_rounds(g, "evol", build_round, absorb, failed)
     self_instruct.classify(g)
     self_instruct.instances(g)

@@ -14,10 +14,11 @@ the same order and the same prompts.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.models.base import Completion, GenParams, Message, ModelRequest, ModelResult
+from pipeline.models.base import Completion, Failure, GenParams, Message, ModelRequest, ModelResult
 from pipeline.records import Instance, Provenance, Task
 from pipeline.stages.context import StageContext
 from pipeline.stages.generation.options import Options
@@ -122,10 +123,26 @@ class Generation:
 
 
 Absorb = Callable[[Item, Completion], None]
+Prompt = Callable[[random.Random], tuple[str, list[Task]]]
 
 
-def run_rounds(g: Generation, step: str, build_round: Callable[[int], list[Item]], absorb: Absorb) -> None:
-    """Rounds of requests until ``g.done()``; each answer is absorbed in an order every later run replays."""
+def next_round(g: Generation, step: str, template: str, params: GenParams, chat: bool, prompt: Prompt) -> list[Item]:
+    """The next round's requests: up to ``batch_size`` until ``max_requests``. Request i's prompt (its text and
+    the tasks it shows) is drawn by ``prompt`` from a generator seeded by the run seed, the step and i alone."""
+    n = max(0, min(g.o.batch_size, g.o.max_requests - g.requests))
+    items = []
+    for i in range(g.requests, g.requests + n):
+        text, shown = prompt(random.Random(f"{g.ctx.seed}:{step}:{i}"))
+        req = g.request(text, params, chat, tag=f"{step}:{i}", seed=g.ctx.seed * 1_000_003 + i)
+        items.append(g.item(req, template, [t.id for t in shown]))
+    g.requests += n
+    return items
+
+
+def run_rounds(g: Generation, step: str, build_round: Callable[[int], list[Item]], absorb: Absorb,
+               failed: Callable[[Item, Failure], None] | None = None) -> None:
+    """Rounds of requests until ``g.done()`` or an empty round; each answer is absorbed in an order every later
+    run replays. ``failed`` hears of each request that failed in its round (it is retried on the next run)."""
     store = g.ctx.store
     placed = {k[len(LATE):]: int(v) for k, v in store.items(LATE)} if store is not None else {}
     held: dict[int, list[Item]] = {}  # answers placed at a later round than their own
@@ -139,10 +156,10 @@ def run_rounds(g: Generation, step: str, build_round: Callable[[int], list[Item]
             if store is not None:
                 store.put(LATE + it.key, str(at))
 
-    def play(members: list[Item], frontier: bool) -> None:
+    def play(members: list[Item], states: list[str], frontier: bool) -> None:
         before = len(g.kept)
-        states = g.client.lookup([it.request for it in members])
-        send = members if frontier else [it for it, s in zip(members, states) if s == "answered"]
+        # a replayed round re-reads its journaled answers and permanent failures; its transient failures wait
+        send = members if frontier else [it for it, s in zip(members, states) if s in ("answered", "terminal")]
         results = dict(zip((id(it) for it in send), g.call(step, [it.request for it in send])))
         for it, state in zip(members, states):
             res = results.get(id(it))
@@ -151,24 +168,29 @@ def run_rounds(g: Generation, step: str, build_round: Callable[[int], list[Item]
                 absorb(it, res)
             elif not frontier and state == "failed":
                 deferred.append(it)
+            elif isinstance(res, Failure) and failed is not None:
+                failed(it, res)
         bar.update(len(g.kept) - before)
 
     while not g.done():
         own = build_round(r)
+        if not own and not held:
+            break
         for it in own:
             if placed.get(it.key, r) != r:
                 held.setdefault(placed[it.key], []).append(it)
         members = [it for it in own if placed.get(it.key, r) == r] + held.pop(r, [])
-        frontier = "new" in g.client.lookup([it.request for it in members])
-        if frontier and deferred:
+        states = g.client.lookup([it.request for it in members])
+        frontier = "new" in states
+        if frontier and deferred:  # deferred answers join here, the first round never sent before
             place(deferred, r)
-            members, deferred[:] = members + deferred, []
-        play(members, frontier)
+            members, states, deferred[:] = members + deferred, states + ["failed"] * len(deferred), []
+        play(members, states, frontier)
         r += 1
     late = [it for at in sorted(held) for it in held[at]]
     if deferred:
         place(deferred, r)
         late, deferred[:] = late + deferred, []
     if late:
-        play(late, frontier=True)
+        play(late, ["failed"] * len(late), frontier=True)
     bar.close()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 
 from pipeline.models.base import Completion
-from pipeline.records import Instance
-from pipeline.stages.generation.pool import Generation, Item, run_rounds
+from pipeline.records import Instance, Task
+from pipeline.stages.generation.pool import Generation, Item, next_round, run_rounds
 from pipeline.stages.generation.prompts import example_dicts
 from pipeline.text import parsing
 from pipeline.text.templates import render
@@ -36,21 +36,16 @@ def bootstrap(g: Generation) -> None:
         else o.bootstrap_params
 
     def build_round(r: int) -> list[Item]:
-        n = min(o.batch_size, o.max_requests - g.requests)
-        machine = list(g.kept)
-        items = []
-        for b in range(n):
-            i = g.requests + b
-            rng = random.Random(f"{g.ctx.seed}:bootstrap:{i}")
+        machine = list(g.kept)  # what the rounds before this one kept
+
+        def prompt(rng: random.Random) -> tuple[str, list[Task]]:
             k_machine = min(o.num_machine_examples, len(machine)) if len(machine) >= o.num_machine_examples else 0
             chosen = rng.sample(g.seeds, min(len(g.seeds), o.num_prompt_instructions - k_machine))
             chosen += rng.sample(machine, k_machine)
             rng.shuffle(chosen)
-            text = render(tpl, instructions=[t.instruction for t in chosen], num_new=o.num_prompt_instructions)
-            req = g.request(text, params, chat, tag=f"bootstrap:{i}", seed=g.ctx.seed * 1_000_003 + i)
-            items.append(g.item(req, tpl, [t.id for t in chosen]))
-        g.requests += n
-        return items
+            return render(tpl, instructions=[t.instruction for t in chosen], num_new=o.num_prompt_instructions), chosen
+
+        return next_round(g, "bootstrap", tpl, params, chat, prompt)
 
     def absorb(it: Item, res: Completion) -> None:
         text, truncated = res.texts[0], res.finish_reasons[0] == "length"
