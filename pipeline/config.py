@@ -208,7 +208,7 @@ def _error_line(errors: list[dict], prefix: tuple, where) -> str:
         elif etype == "missing":
             msg = "missing required key"
         else:
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")  # a validator's own message reads as it is
         msgs.append(f"{where(loc)}: {_dotted(loc)}: {msg}")
     return "; ".join(msgs[:3]) + (f" (and {len(msgs) - 3} more)" if len(msgs) > 3 else "")
 

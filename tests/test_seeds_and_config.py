@@ -112,6 +112,17 @@ def test_misspelled_key_names_path_and_line(tmp_path, shared_seeds):
     assert r.returncode == 2 and "Traceback" not in r.stderr and ":2: seeed: unknown key" in r.stderr
 
 
+def test_a_training_setting_outside_train_says_where_it_goes(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: t\nstages:\n  seeds: {path: x}\n  model:\n    kind: sft\n    base_model: b\n"
+                   "    max_steps: 3\n")
+    with pytest.raises(UserError, match=r"c.yaml:4: stages.model: max_steps: a training setting, it goes under "
+                                        r"'train:' \(train: \{max_steps: ...\}\)$"):
+        load_config(cfg)
+    cfg.write_text(cfg.read_text().replace("max_steps: 3", "train: {max_steps: 3}"))
+    assert load_config(cfg).stages[1].options.train.max_steps == 3
+
+
 def test_env_interpolation_and_set_overrides(tmp_path, monkeypatch):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: t\nseed: ${SEED_X:-3}\nmodels:\n  m:\n    backend: test\n    model: ${MODEL_X}\n"

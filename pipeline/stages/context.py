@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel
 
 from pipeline.models.base import ModelRequest, ModelResult, StateStore
-from pipeline.records import Rejection, Task, dumps, read_jsonl, write_jsonl
+from pipeline.records import Task, dumps, read_jsonl, write_jsonl
 
 RECORDS_FILE = "records.jsonl"
 REJECTED_FILE = "rejected.jsonl"
@@ -145,10 +145,12 @@ class StageContext:
 
     def reject(self, record: BaseModel | dict[str, Any], rule: str, reason: str) -> None:
         """Keep a dropped record, with the rule that dropped it, in ``rejected.jsonl``."""
-        data = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
         if self._rejected_file is None:
             self._rejected_file = open(self.out_dir / REJECTED_FILE, "a", encoding="utf-8")
-        self._rejected_file.write(dumps(Rejection(stage=self.name, rule=rule, reason=reason, record=data)))
+        # pipeline.records.Rejection's fields in their declared order (what dumps(Rejection(...)) writes), the
+        # record serialised once
+        head = dumps({"stage": self.name, "rule": rule, "reason": reason})
+        self._rejected_file.write(f'{head[:-1]},"record":{dumps(record)}}}')
         self._rejected_file.write("\n")
         self.stats.rejected[rule] += 1
 

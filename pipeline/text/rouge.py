@@ -179,11 +179,14 @@ class NearDuplicateIndex:
         self._add_tokens(tokenize(text), key)
 
     def _add_tokens(self, tokens: list[str], key: str) -> None:
+        self._add_encoded(len(tokens), self._encode(tokens, assign=True), key)
+
+    def _add_encoded(self, length: int, encoded: tuple[Code, list[object]], key: str) -> None:
         idx = len(self._keys)
-        code, occ = self._encode(tokens, assign=True)
+        code, occ = encoded
         self._keys.append(key)
         self._codes.append(code)
-        self._lens.append(len(tokens))
+        self._lens.append(length)
         postings = self._postings
         for o in occ:
             p = postings.get(o)
@@ -214,13 +217,16 @@ class NearDuplicateIndex:
                 best, best_i = f, i
         return best, best_i
 
-    def _best_above_threshold(self, tokens: list[str]) -> tuple[float, str | None]:
+    def _best_above_threshold(self, tokens: list[str], encoded: tuple[Code, list[object]] | None = None
+                              ) -> tuple[float, str | None]:
         """The exact best score and item whenever some kept item exceeds the threshold; otherwise a score
-        at most the threshold (the best among the items that could have come close, or 0.0)."""
+        at most the threshold (the best among the items that could have come close, or 0.0). ``encoded``: the
+        tokens' encoding when the caller has it (codes given to tokens no kept item holds match nothing, and
+        their occurrences have no list, so it scores the same as an encoding without them)."""
         la = len(tokens)
         if la == 0 or not self._keys:
             return 0.0, None
-        code, occ = self._encode(tokens, assign=False)
+        code, occ = encoded or self._encode(tokens, assign=False)
         k = self._min_overlap(la)
         postings = self._postings
         lists = [p for p in map(postings.get, occ) if p is not None]
@@ -253,12 +259,12 @@ class NearDuplicateIndex:
         best, i = self._score_ids(code, la, ids, self.threshold - SLACK)
         return best, (self._keys[i] if i >= 0 else None)
 
-    def _best(self, tokens: list[str]) -> tuple[float, str | None]:
+    def _best(self, tokens: list[str], encoded: tuple[Code, list[object]] | None = None) -> tuple[float, str | None]:
         """The exact best score against the whole pool and the first item reaching it."""
         la = len(tokens)
         if la == 0 or not self._keys:
             return 0.0, None
-        code, occ = self._encode(tokens, assign=False)
+        code, occ = encoded or self._encode(tokens, assign=False)
         lists = [p.view() for p in (self._postings.get(o) for o in occ) if p is not None]
         if not lists:
             return 0.0, None
@@ -299,10 +305,11 @@ class NearDuplicateIndex:
         items that could have come close (0.0/None when none could), unless ``exact_nearest`` asks for a
         search of the whole pool (slower: it reads every shared token's list)."""
         tokens = tokenize(text)
-        score, nearest = self._best_above_threshold(tokens)
+        encoded = self._encode(tokens, assign=True)  # once, for the search and for adding
+        score, nearest = self._best_above_threshold(tokens, encoded)
         if score > self.threshold:
             return Decision(False, score, nearest)
         if exact_nearest:
-            score, nearest = self._best(tokens)
-        self._add_tokens(tokens, key)
+            score, nearest = self._best(tokens, encoded)
+        self._add_encoded(len(tokens), encoded, key)
         return Decision(True, score, nearest)
