@@ -31,8 +31,8 @@ from pipeline.errors import UserError
 from pipeline.hashing import strip_credentials
 from pipeline.models.base import (BackendUnavailable, Completion, Failure, GenParams, Message, ModelRequest,
                                   ModelResult, ResultSink, Usage, cut_at_stop, error_line)
-from pipeline.models.openai_wire import (DEFAULT_BASE_URL, MAX_STOP_SEQUENCES, STRUCTURED, Options,  # noqa: F401
-                                         alternatives, base_url, identity, output_formats, wire, with_format)
+from pipeline.models.openai_wire import (DEFAULT_BASE_URL, MAX_STOP_SEQUENCES, Options, alternatives,  # noqa: F401
+                                         base_url, identity, wire)
 from pipeline.models.ratelimit import RateLimiter, backoff_delay, retry_after_seconds  # noqa: F401 - re-exported
 from pipeline.models.transport import (ERROR_CHARS, Fatal, FormatRejected, GroupingSink, Retryable,  # noqa: F401
                                        aiohttp_transport, cause_chain, classify_status, dropped_not_timed_out,
@@ -41,6 +41,8 @@ from pipeline.models.transport import (ERROR_CHARS, Fatal, FormatRejected, Group
 log = logging.getLogger(__name__)
 CONNECTIONS_PER_CLIENT = 64
 _RAW = {"X-Stainless-Raw-Response": "true"}  # the SDK hands back the response, headers included
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
 

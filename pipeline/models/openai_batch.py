@@ -22,8 +22,7 @@ from typing import Any
 
 from pipeline.models.base import Failure, ModelRequest, ModelResult, ResultSink
 from pipeline.models.openai_wire import alternatives, wire
-from pipeline.models.transport import Fatal, FormatRejected, Retryable, classify_status
-from pipeline.models.transport import ERROR_CHARS, one_line
+from pipeline.models.transport import ERROR_CHARS, Fatal, FormatRejected, Retryable, classify_status, one_line
 
 log = logging.getLogger(__name__)
 BATCH, PENDING = "batch:", "pending:"

@@ -184,4 +184,5 @@ def run(ctx: StageContext) -> None:
         out.append(task)
     ctx.stats.rows_in = len(tasks)
     ctx.write_records(out)
-    ctx.stats.metrics.update(judge_scores=scores, min_score=o.min_score, instances_out=sum(len(t.instances) for t in out))
+    ctx.stats.metrics.update(judge_scores=scores, min_score=o.min_score,
+                             instances_out=sum(len(t.instances) for t in out))

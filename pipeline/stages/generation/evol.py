@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass
 
 from pipeline.models.base import Completion, Failure
-from pipeline.records import Provenance
 from pipeline.stages.generation import self_instruct
 from pipeline.stages.generation.pool import Generation, Item, run_rounds
 from pipeline.text.templates import render
@@ -79,7 +78,7 @@ def run(g: Generation) -> None:
     o = g.o
     tpl = {"depth": o.templates.evol_depth, "breadth": o.templates.evol_breadth}
     lineages = [Lineage(t.id, t.instruction, t.instances[0].input if t.instances else "") for t in g.seeds]
-    of: dict[str, tuple[Lineage, str, int]] = {}  # request key -> (lineage, operation, round)
+    lineage_of: dict[str, Lineage] = {}  # request key -> the lineage it evolves
 
     def build_round(r: int) -> list[Item]:
         rnd = r + 1
@@ -94,28 +93,27 @@ def run(g: Generation) -> None:
             it = g.item(req, name, [ln.root])
             it.provenance.extra.update(evol_round=rnd, evol_operation=op, evol_parent=ln.instruction)
             ln.built = rnd
-            of[it.key] = (ln, op, rnd)
+            lineage_of[it.key] = ln
             items.append(it)
         g.requests += len(items)
         return items
 
     def record(it: Item) -> dict:
-        ln, op, rnd = of[it.key]
-        return {"root": ln.root, "parent": it.provenance.extra["evol_parent"], "operation": op, "round": rnd,
-                "provenance": it.provenance.model_dump()}
+        x = it.provenance.extra
+        return {"root": lineage_of[it.key].root, "parent": x["evol_parent"], "operation": x["evol_operation"],
+                "round": x["evol_round"], "provenance": it.provenance.model_dump()}
 
     def absorb(it: Item, res: Completion) -> None:
-        ln, op, rnd = of[it.key]
-        parent = it.provenance.extra["evol_parent"]
+        ln, x = lineage_of[it.key], it.provenance.extra
         evolved = clean(res.texts[0])
-        why = eliminated(parent, evolved, o.evol_min_words)
+        why = eliminated(x["evol_parent"], evolved, o.evol_min_words)
         if why is not None:
             g.ctx.reject({**record(it), "text": evolved}, *why)
             return
-        if ln.built == rnd:  # an answer that came late (a retried failure) joins the pool; its lineage moved on
+        if ln.built == x["evol_round"]:  # a late answer (a retried failure) joins the pool; its lineage moved on
             ln.instruction, ln.depth = evolved, ln.depth + 1
-            ln.input = "" if op == BREADTH else ln.input
-        g.consider(evolved, Provenance.model_validate(it.provenance.model_dump()))
+            ln.input = "" if x["evol_operation"] == BREADTH else ln.input
+        g.consider(evolved, it.provenance)  # consider keeps its own copy
 
     def failed(it: Item, res: Failure) -> None:
         g.ctx.reject(record(it), "evol_request_failed", f"the evolution request failed ({res.kind})")

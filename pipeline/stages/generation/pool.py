@@ -156,17 +156,19 @@ def run_rounds(g: Generation, step: str, build_round: Callable[[int], list[Item]
             if store is not None:
                 store.put(LATE + it.key, str(at))
 
-    def play(members: list[Item], states: list[str], frontier: bool) -> None:
+    def play(members: list[Item], states: list[str] | None) -> None:
+        """A round: every member sent (``states`` None: the frontier, or the end), or a replayed round
+        (``states`` from the journal), which re-reads its answers and permanent failures while its transient
+        failures wait for the frontier."""
         before = len(g.kept)
-        # a replayed round re-reads its journaled answers and permanent failures; its transient failures wait
-        send = members if frontier else [it for it, s in zip(members, states) if s in ("answered", "terminal")]
+        send = members if states is None else [it for it, s in zip(members, states) if s in ("answered", "terminal")]
         results = dict(zip((id(it) for it in send), g.call(step, [it.request for it in send])))
-        for it, state in zip(members, states):
+        for i, it in enumerate(members):
             res = results.get(id(it))
             if isinstance(res, Completion):
                 it.provenance.request_key = g.client.key(it.request)  # the form that answered
                 absorb(it, res)
-            elif not frontier and state == "failed":
+            elif states is not None and states[i] == "failed":
                 deferred.append(it)
             elif isinstance(res, Failure) and failed is not None:
                 failed(it, res)
@@ -181,16 +183,17 @@ def run_rounds(g: Generation, step: str, build_round: Callable[[int], list[Item]
                 held.setdefault(placed[it.key], []).append(it)
         members = [it for it in own if placed.get(it.key, r) == r] + held.pop(r, [])
         states = g.client.lookup([it.request for it in members])
-        frontier = "new" in states
-        if frontier and deferred:  # deferred answers join here, the first round never sent before
+        if "new" not in states:
+            play(members, states)
+        else:  # the frontier: the first round never sent before, where deferred answers join
             place(deferred, r)
-            members, states, deferred[:] = members + deferred, states + ["failed"] * len(deferred), []
-        play(members, states, frontier)
+            members, deferred[:] = members + deferred, []
+            play(members, None)
         r += 1
     late = [it for at in sorted(held) for it in held[at]]
     if deferred:
         place(deferred, r)
         late, deferred[:] = late + deferred, []
     if late:
-        play(late, ["failed"] * len(late), frontier=True)
+        play(late, None)
     bar.close()
