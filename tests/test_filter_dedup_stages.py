@@ -51,6 +51,25 @@ def record_id(rej: Rejection) -> str:
 
 
 # ---- filter ---------------------------------------------------------------------------------------------
+def test_a_rejection_line_is_the_rejection_record_serialised(tmp_path):
+    """reject() writes each line by hand (the record serialised once): the bytes dumps(Rejection(...)) writes,
+    for a model and a dict, several rules and reasons that need escaping."""
+    from pipeline.records import dumps
+
+    ctx = StageContext(name="dedup", kind="dedup", options=None, seed=0, run_dir=tmp_path, out_dir=tmp_path,
+                       scratch_dir=tmp_path, inputs=[], get_model=lambda n: None, log=logging.getLogger("test"))
+    t = task("t1", 'Say "hi"\n', ("in", "out"), meta={"rouge_score": 0.812345, "rouge_nearest": "s3"})
+    calls = [(t, "rouge_near_duplicate", 'ROUGE-L 0.812 > 0.7 with "s3"'), ({"id": "d", "x": [1, 2.5]}, "other", "ü\t"),
+             (t, "rouge_near_duplicate", "again")]
+    for record, rule, reason in calls:
+        ctx.reject(record, rule, reason)
+    ctx.close()
+    want = [dumps(Rejection(stage="dedup", rule=rule, reason=reason,
+                            record=r.model_dump() if isinstance(r, Task) else r)) for r, rule, reason in calls]
+    assert (tmp_path / REJECTED_FILE).read_text(encoding="utf-8").splitlines() == want
+    assert ctx.stats.rejected == {"rouge_near_duplicate": 2, "other": 1}
+
+
 def test_filter_drops_exactly_the_defective_records(tmp_path):
     recs = defect_records()
     tasks = [Task.model_validate({k: v for k, v in r.items() if k != "expected_rule"}) for r in recs]

@@ -28,6 +28,17 @@ def test_f1_equals_rouge_score(a, b):
 
 
 @settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=40))
+def test_ascii_tokens_equal_rouge_scores(text):
+    assert tokenize(text) == SCORER._tokenizer.tokenize(text)
+
+
+def test_every_ascii_character_tokenizes_like_rouge_score():
+    text = "".join(f"{chr(c)}x{chr(c)}" for c in range(128))
+    assert tokenize(text) == SCORER._tokenizer.tokenize(text)
+
+
+@settings(max_examples=300, deadline=None)
 @given(TOKENS, TOKENS)
 def test_f1_on_token_lists_including_empty(a, b):
     assert rouge_l_f1(a, b) == rouge_scorer._score_lcs(a, b).fmeasure

@@ -118,6 +118,7 @@ class StageContext:
     show_progress: bool = True
     store: StateStore | None = None  # the stage's small persistent state (kept in the journal)
     _rejected_file: Any = None
+    _reject_heads: dict[str, str] = field(default_factory=dict)  # rule -> the line's start, up to "reason":
 
     # ---- inputs -------------------------------------------------------------------------------------
     def previous(self) -> StageInput:
@@ -149,9 +150,10 @@ class StageContext:
             self._rejected_file = open(self.out_dir / REJECTED_FILE, "a", encoding="utf-8")
         # pipeline.records.Rejection's fields in their declared order (what dumps(Rejection(...)) writes), the
         # record serialised once
-        head = dumps({"stage": self.name, "rule": rule, "reason": reason})
-        self._rejected_file.write(f'{head[:-1]},"record":{dumps(record)}}}')
-        self._rejected_file.write("\n")
+        head = self._reject_heads.get(rule)
+        if head is None:
+            head = self._reject_heads[rule] = dumps({"stage": self.name, "rule": rule, "reason": ""})[:-3]
+        self._rejected_file.write(f'{head}{dumps(reason)},"record":{dumps(record)}}}\n')
         self.stats.rejected[rule] += 1
 
     def close(self) -> None:

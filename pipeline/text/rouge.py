@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from operator import attrgetter
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,11 @@ _UNSEEN = " "  # the LCS code of a token no kept item has (it matches nothing in
 _MAX_CODE = 0x10FFFF
 
 
+# ASCII text: one byte translation lowercases A-Z and turns every byte outside [a-z0-9] into a space, the same
+# tokens as the regular expression (five times faster).
+_ASCII_TOKENS = bytes(c + 32 if 65 <= c <= 90 else c if 48 <= c <= 57 or 97 <= c <= 122 else 32 for c in range(256))
+
+
 def tokenize(text: str) -> list[str]:
     """rouge_score's default tokenizer without stemming.
 
@@ -37,6 +42,8 @@ def tokenize(text: str) -> list[str]:
     keeps the tokens matching ``^[a-z0-9]+$``; after the substitution only [a-z0-9] and spaces remain, so a
     plain ``split()`` yields exactly those tokens.
     """
+    if text.isascii():
+        return text.encode().translate(_ASCII_TOKENS).decode().split()
     return _NON_ALNUM.sub(" ", text.lower()).split()
 
 
@@ -71,26 +78,9 @@ class Decision:
     nearest: str | None  # key of that kept item
 
 
-class _Growing:
-    """An int32 array that grows by doubling (amortised O(1) append, zero-copy view)."""
-
-    __slots__ = ("data", "size")
-
-    def __init__(self) -> None:
-        self.data = np.empty(4, dtype=np.int32)
-        self.size = 0
-
-    def append(self, value: int) -> None:
-        if self.size == len(self.data):
-            self.data = np.concatenate([self.data, np.empty(len(self.data), dtype=np.int32)])
-        self.data[self.size] = value
-        self.size += 1
-
-    def view(self) -> np.ndarray:
-        return self.data[: self.size]
-
-
-_size = attrgetter("size")
+def _concat(lists: list[array]) -> np.ndarray:
+    """The int32 arrays one after another, as one read-only numpy array (one copy, no buffer left exported)."""
+    return np.frombuffer(b"".join(lists), dtype=np.int32)
 
 
 Code = str | list[int]  # a token list as rapidfuzz compares it: one character (or int) per token
@@ -147,10 +137,11 @@ class NearDuplicateIndex:
         self.threshold = threshold
         self.chunk = chunk
         self._coder = TokenCodes()
-        self._postings: dict[object, _Growing] = {}
+        # Postings and lengths are int32 arrays: appending is one C call, and numpy reads them in place.
+        self._postings: dict[object, array] = {}
         self._codes: list[Code] = []
         self._keys: list[str] = []
-        self._lens = _Growing()
+        self._lens = array("i")
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -191,7 +182,7 @@ class NearDuplicateIndex:
         for o in occ:
             p = postings.get(o)
             if p is None:
-                p = postings[o] = _Growing()
+                p = postings[o] = array("i")
             p.append(idx)
 
     # ---- scoring ------------------------------------------------------------------------------------
@@ -205,14 +196,14 @@ class NearDuplicateIndex:
     def _score_ids(self, code: Code, la: int, ids: list[int], cutoff: float) -> tuple[float, int]:
         """Best exact F1 among ``ids`` (ascending) and its item (the first reaching it; -1 when none scores),
         skipping items whose 2·LCS/(la+lb) is below ``cutoff``."""
-        codes, lens = self._codes, self._lens.data
+        codes, lens = self._codes, self._lens
         if len(ids) > FEW:
             hits = process.extract(code, [codes[i] for i in ids], scorer=Indel.normalized_similarity,
                                    processor=None, score_cutoff=max(0.0, cutoff), limit=None)
             ids = sorted(ids[h[2]] for h in hits)
         best, best_i = 0.0, -1
         for i in ids:
-            f = f1_from_lcs(int(LCSseq.similarity(code, codes[i])), la, int(lens[i]))
+            f = f1_from_lcs(int(LCSseq.similarity(code, codes[i])), la, lens[i])
             if f > best:
                 best, best_i = f, i
         return best, best_i
@@ -233,25 +224,27 @@ class NearDuplicateIndex:
         if len(lists) < k:  # fewer shared occurrences than the least overlap: nothing can exceed
             return 0.0, None
         probe = la - k + 1
-        lists.sort(key=_size)
+        lists.sort(key=len)
         # Reading ``extra`` more lists than the prefix needs, an item that can exceed the threshold appears in
         # at least extra + 1 of them (a missing occurrence only helps): most items sharing a word or two drop.
         extra = max(0, min(self.count_extra, len(lists) - probe))
         lists = lists[: probe + extra]
-        if sum(map(_size, lists)) <= SMALL:  # the common case on a diverse pool: plain Python wins
+        if sum(map(len, lists)) <= SMALL:  # the common case on a diverse pool: plain Python wins
             counts: dict[int, int] = {}
             for p in lists:
-                for i in p.data[: p.size].tolist():
+                for i in p:
                     counts[i] = counts.get(i, 0) + 1
             ids = [i for i, c in counts.items() if c > extra]
             ids.sort()
         else:
-            counts_arr = np.bincount(np.concatenate([p.data[: p.size] for p in lists]))
-            ids_arr = np.flatnonzero(counts_arr > extra)
+            counts_arr = np.bincount(_concat(lists))
+            ids_arr = (counts_arr > extra).nonzero()[0]
             if len(ids_arr) > 4 * FEW:
                 # Count and length filter: LCS ≤ min(count + unread occurrences, la, lb), F1 = 2·LCS/(la + lb).
-                lb = self._lens.data[ids_arr]
-                ub = np.minimum(np.minimum(counts_arr[ids_arr] + (la - len(lists)), lb), la)
+                count = counts_arr[ids_arr]
+                lb = np.frombuffer(self._lens, dtype=np.int32)[ids_arr]
+                # (count + unread ≤ la: an item is at most once in each list read)
+                ub = np.minimum(count + (la - len(lists)), lb)
                 ids_arr = ids_arr[2 * ub > (self.threshold - SLACK) * (la + lb)]
             ids = ids_arr.tolist()
         if not ids:
@@ -265,12 +258,12 @@ class NearDuplicateIndex:
         if la == 0 or not self._keys:
             return 0.0, None
         code, occ = encoded or self._encode(tokens, assign=False)
-        lists = [p.view() for p in (self._postings.get(o) for o in occ) if p is not None]
+        lists = [p for p in map(self._postings.get, occ) if p is not None]
         if not lists:
             return 0.0, None
-        counts = np.bincount(np.concatenate(lists))
+        counts = np.bincount(_concat(lists))
         items = np.flatnonzero(counts)
-        lb = self._lens.data[items]
+        lb = np.frombuffer(self._lens, dtype=np.int32)[items]
         bound = 2 * np.minimum(counts[items], np.minimum(lb, la)) / (la + lb) + SLACK
         order = np.argsort(-bound, kind="stable")
         best, best_i = 0.0, -1

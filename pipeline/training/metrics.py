@@ -64,10 +64,11 @@ def _nll(logits: Any, labels: Any) -> tuple[float, int, Units]:
     import torch.nn.functional as F
 
     flat = logits.float().reshape(-1, logits.size(-1))
-    total = float(F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum"))
     per = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="none").view(labels.shape)
     rows = [(float(s), int(c)) for s, c in zip(per.sum(-1).tolist(), (labels != -100).sum(-1).tolist())]
-    return total, int((labels != -100).sum()), rows
+    # The total is the sum of the rows (in float64), so that a metric and the same metric recomputed from its
+    # units (the bootstrap's) agree; a separate float32 reduction differs from it in the last digits.
+    return sum(s for s, _ in rows), sum(c for _, c in rows), rows
 
 
 def ratio(total: float, count: int) -> float | None:
