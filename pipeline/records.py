@@ -118,7 +118,8 @@ def write_jsonl(path: Path, records: Iterable[BaseModel | dict[str, Any]]) -> in
 
 
 def read_jsonl(path: Path, model: type[R]) -> Iterator[R]:
-    with open(path, encoding="utf-8") as f:
+    """The records of a file this project wrote (pydantic parses the UTF-8 bytes itself, without a decoded copy)."""
+    with open(path, "rb") as f:
         for line in f:
             if line.strip():
                 yield model.model_validate_json(line)

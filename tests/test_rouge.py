@@ -115,6 +115,28 @@ def test_greedy_decisions_identical_to_reference(threshold):
             assert 0 < sum(d.kept for d in decisions) < len(cands)
 
 
+@pytest.mark.parametrize("threshold", [0.7, 0.5, 0.9, 0.05, 0.0, -0.5])
+def test_the_count_filter_never_drops_an_item_that_could_exceed(threshold):
+    """The least-count table against the bound it encodes, for item lengths far past its end: an item whose
+    count could let it exceed the threshold is never below the table's entry, and below the end the table is
+    that bound exactly."""
+    import numpy as np
+
+    idx = NearDuplicateIndex(threshold)
+    t = threshold - rouge_mod.SLACK
+    lb = np.arange(3 * rouge_mod.LONGEST)
+    for la in range(1, 41):
+        for read in range(1, la + 1):
+            least = idx._least_counts(la, read)
+            looked_up = least[np.minimum(lb, len(least) - 1)]
+            for count in range(read + 1):
+                could = 2 * np.minimum(count + la - read, lb) > t * (la + lb)
+                assert (count >= looked_up[could]).all(), (la, read, count)
+            exact = np.array([next((c for c in range(read + 1) if 2 * min(c + la - read, n) > t * (la + n)), read + 1)
+                              for n in range(len(least) - 1)])
+            assert (least[:-1] == exact).all(), (la, read)
+
+
 @pytest.mark.parametrize("small,max_code", [(0, 0x10FFFF), (10_000, 0x10FFFF), (0, 0x110)])
 def test_decisions_identical_on_a_large_pool(small, max_code, monkeypatch):
     """Both counting paths (numpy / plain Python), and codes past the character range (lists of ints);

@@ -26,6 +26,7 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 SMALL = 48  # probed postings up to this total size are counted in plain Python
 FEW = 6  # up to this many items are scored one by one (cheaper than a batched call)
 SLACK = 1e-6  # every bound is loosened by this much, far above floating-point error
+LONGEST = 1024  # item lengths beyond this share one count-filter entry
 _UNSEEN = " "  # the LCS code of a token no kept item has (it matches nothing in the pool)
 _MAX_CODE = 0x10FFFF
 
@@ -142,6 +143,7 @@ class NearDuplicateIndex:
         self._codes: list[Code] = []
         self._keys: list[str] = []
         self._lens = array("i")
+        self._needs: dict[tuple[int, int], np.ndarray] = {}  # (la, lists read) -> least count by item length
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -193,6 +195,26 @@ class NearDuplicateIndex:
             return la + 1
         return max(1, math.floor(t * la / (2 - t) - SLACK) + 1)
 
+    def _least_counts(self, la: int, read: int) -> np.ndarray:
+        """By item length lb: the least count (lists read holding the item) with which the item can still exceed
+        the threshold, ``read + 1`` where none can; the last entry serves every longer item too.
+
+        LCS ≤ min(count + unread occurrences, lb) and F1 = 2·LCS/(la + lb), so F1 > t needs
+        2·min(count + la − read, lb) > (t − SLACK)·(la + lb). The least count never falls as lb grows past it,
+        so the last entry is a safe bound for longer items; with count + la − read ≤ la no item longer than
+        (2 − t)·la/t passes, which ends the table early."""
+        key = (la, read)
+        least = self._needs.get(key)
+        if least is None:
+            t = self.threshold - SLACK
+            last = min(LONGEST, math.ceil((2 - t) * la / t) + 1) if t > 0 else LONGEST
+            lb = np.arange(last + 1)[:, None]
+            count = np.arange(read + 2)[None, :]  # read + 1: unreachable
+            ok = 2 * np.minimum(count + (la - read), lb) > t * (la + lb)
+            ok[:, -1] = True
+            least = self._needs[key] = ok.argmax(axis=1)
+        return least
+
     def _score_ids(self, code: Code, la: int, ids: list[int], cutoff: float) -> tuple[float, int]:
         """Best exact F1 among ``ids`` (ascending) and its item (the first reaching it; -1 when none scores),
         skipping items whose 2·LCS/(la+lb) is below ``cutoff``."""
@@ -240,12 +262,10 @@ class NearDuplicateIndex:
             counts_arr = np.bincount(_concat(lists))
             ids_arr = (counts_arr > extra).nonzero()[0]
             if len(ids_arr) > 4 * FEW:
-                # Count and length filter: LCS ≤ min(count + unread occurrences, la, lb), F1 = 2·LCS/(la + lb).
-                count = counts_arr[ids_arr]
+                # Count and length filter: the least count an item of each length needs (see _least_counts).
+                least = self._least_counts(la, len(lists))
                 lb = np.frombuffer(self._lens, dtype=np.int32)[ids_arr]
-                # (count + unread ≤ la: an item is at most once in each list read)
-                ub = np.minimum(count + (la - len(lists)), lb)
-                ids_arr = ids_arr[2 * ub > (self.threshold - SLACK) * (la + lb)]
+                ids_arr = ids_arr[counts_arr[ids_arr] >= least[np.minimum(lb, len(least) - 1)]]
             ids = ids_arr.tolist()
         if not ids:
             return 0.0, None
