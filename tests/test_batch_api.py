@@ -174,7 +174,7 @@ def test_a_file_uploaded_before_a_kill_is_matched_to_its_batch():
 def test_announced_rate_limit_is_not_hit(follow):
     """A server announcing R requests per window: at most 2% of requests get a 429 (counted by the server)."""
     with FakeOpenAI(rate_limit=(20, 1.0), latency=0.01) as srv:
-        b = backend(srv.url, max_concurrency=8, max_attempts=10)
+        b = backend(srv.url, max_concurrency=64, max_attempts=10)
         if not follow:  # the same run, blind to the headers: the test would see the 429s
             b.limiter.follow_headers, b.limiter.known = False, True
         results = collect(b, reqs(80))
@@ -184,6 +184,57 @@ def test_announced_rate_limit_is_not_hit(follow):
             assert srv.limited <= 0.02 * sent, (srv.limited, sent)
         else:
             assert srv.limited > 0.02 * sent
+
+
+def test_after_a_sliding_windows_reset_the_client_probes_instead_of_bursting():
+    """A sliding window of 40 requests (a minute's limit, in 4 s here): ``reset`` is when the oldest request leaves
+    it, so a reset frees one slot, not 40. 80 requests at up to 64 in flight: at most 2% get a 429."""
+    with FakeOpenAI(rate_limit=(40, 4.0), rate_mode="sliding", latency=0.01) as srv:
+        start = time.monotonic()
+        results = collect(backend(srv.url, max_concurrency=64, max_attempts=10), reqs(80))
+        took = time.monotonic() - start
+        assert all(isinstance(r, Completion) for r in results)
+        sent = len(srv.log)
+        assert srv.limited <= 0.02 * sent, (srv.limited, sent)
+        assert took < 20, took
+
+
+def test_after_an_announced_reset_one_request_probes_before_the_rest():
+    import asyncio
+
+    from pipeline.models.ratelimit import RateLimiter
+
+    def said(remaining, reset):
+        return {"x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": str(remaining),
+                "x-ratelimit-reset-requests": reset}
+
+    async def go():
+        lim = RateLimiter()
+        lim.release(1, said(0, "0.1s"), probe=await lim.acquire(1))
+        await asyncio.sleep(0.15)  # the announced reset passes
+        probe = await asyncio.wait_for(lim.acquire(1), 1)
+        second = asyncio.create_task(lim.acquire(1))
+        await asyncio.sleep(0.3)
+        waited = not second.done()  # nothing more goes before the probe's answer
+        lim.release(1, said(1, "0.5s"), probe=probe)
+        started = time.monotonic()
+        assert await asyncio.wait_for(second, 2) is False
+        # the own window (2 requests in the longest reset announced, 0.5 s) holds it until the first answer is 0.5 s old
+        return probe, waited, time.monotonic() - started
+
+    probe, waited, held = asyncio.run(go())
+    assert probe is True and waited and 0.0 < held < 0.2
+
+
+def test_a_429_with_retry_after_still_backs_off():
+    """A server that limits without announcing anything: the client holds back for the Retry-After, then sends one
+    request before the rest."""
+    with FakeOpenAI(faults=["429"], retry_after=0.5, latency=0.01) as srv:
+        results = collect(backend(srv.url, max_concurrency=8), reqs(6))
+        assert all(isinstance(r, Completion) for r in results)
+        first, then = srv.times[0], srv.times[1:]
+        assert min(then) - first >= 0.5 - 0.01  # nothing was sent during the Retry-After
+        assert len(srv.log) == 7
 
 
 def test_client_side_rpm_cap():

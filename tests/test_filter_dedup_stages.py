@@ -46,6 +46,21 @@ def defect_records() -> list[dict]:
     return [json.loads(line) for line in DEFECTS.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def expected_drops(recs: list[dict], profile: str) -> dict[str, str]:
+    """id -> the rule written to drop it under ``profile`` (``expected_general`` where the general profile
+    judges it otherwise: "valid" when it keeps the record)."""
+    out = {}
+    for r in recs:
+        rule = r.get("expected_general", r.get("expected_rule")) if profile == "general" else r.get("expected_rule")
+        if rule and rule != "valid":
+            out[r["id"]] = rule
+    return out
+
+
+def as_task(r: dict) -> Task:
+    return Task.model_validate({k: v for k, v in r.items() if not k.startswith("expected_")})
+
+
 def record_id(rej: Rejection) -> str:
     return rej.record.get("id") or rej.record["task_id"]
 
@@ -70,13 +85,16 @@ def test_a_rejection_line_is_the_rejection_record_serialised(tmp_path):
     assert ctx.stats.rejected == {"rouge_near_duplicate": 2, "other": 1}
 
 
-def test_filter_drops_exactly_the_defective_records(tmp_path):
+@pytest.mark.parametrize("profile", ["self_instruct", "general", "auto"])
+def test_filter_drops_exactly_the_defective_records(tmp_path, profile):
+    """Each profile drops exactly the records written as its defects (auto: general, as no generation stage
+    lies before the filter)."""
     recs = defect_records()
-    tasks = [Task.model_validate({k: v for k, v in r.items() if k != "expected_rule"}) for r in recs]
+    tasks = [as_task(r) for r in recs]
     inputs = [stage_dir(tmp_path, "seeds", tasks)]
-    kept, rejected, stats = run_stage(tmp_path, filter_stage, filter_stage.Options(), inputs)
-    good = {r["id"] for r in recs if "expected_rule" not in r}
-    bad = {r["id"]: r["expected_rule"] for r in recs if "expected_rule" in r}
+    kept, rejected, stats = run_stage(tmp_path, filter_stage, filter_stage.Options(rules=profile), inputs)
+    bad = expected_drops(recs, "general" if profile == "auto" else profile)
+    good = {r["id"] for r in recs} - set(bad)
     assert {t.id for t in kept} == good and len(bad) >= 20
     assert {record_id(r) for r in rejected} == set(bad)
     for tid, rule in bad.items():  # each defective record is dropped by the rule it was written for
@@ -86,6 +104,7 @@ def test_filter_drops_exactly_the_defective_records(tmp_path):
     assert d["rows_in"] == len(recs) and d["rows_out"] == len(good)
     assert d["metrics"]["instances_out"] == sum(len(t.instances) for t in kept) == len(good)
     assert d["metrics"]["instances_in"] == sum(len(r["instances"]) for r in recs)
+    assert d["metrics"]["rules"] == ("general" if profile == "auto" else profile)
     assert all(t.instances[0].input == "" for t in kept if t.id.startswith("ok_noinput"))
 
 
@@ -111,14 +130,23 @@ def test_filter_drops_single_instances_and_reports_each(tmp_path):
     inst = next(r for r in rejected if r.rule == "placeholder_output")
     assert inst.record["instance"] == 1 and inst.record["input"] == "dog"
     assert sum(stats.rejected.values()) == len(rejected)
-    assert stats.metrics == {"instances_in": 13, "instances_out": 7}
+    assert stats.metrics == {"rules": "general", "languages": ["en"], "instances_in": 13, "instances_out": 7}
 
 
 def test_filter_options_turn_rules_off(tmp_path):
     tasks = [task("t", "Draw a cat.", ("", "N/A"))]
-    opts = filter_stage.Options.model_validate({"instruction_rules": {"min_words": 1, "blacklist": []},
+    opts = filter_stage.Options.model_validate({"rules": "self_instruct",
+                                                "instruction_rules": {"min_words": 1, "blacklist": []},
                                                 "instance_rules": {"placeholder_output": False}})
     kept, rejected, _ = run_stage(tmp_path, filter_stage, opts, [stage_dir(tmp_path, "in", tasks)])
+    assert [t.id for t in kept] == ["t"] and not rejected
+    # a setting changes that one rule of the profile: the general profile's own rules stay on
+    opts = filter_stage.Options.model_validate({"rules": "general", "instance_rules": {"placeholder_output": False}})
+    kept, rejected, _ = run_stage(tmp_path, filter_stage, opts, [stage_dir(tmp_path, "in2", tasks)], name="f2")
+    assert not kept and [r.rule for r in rejected] == ["artifact_request"]
+    opts = filter_stage.Options.model_validate({"rules": "general", "instruction_rules": {"artifact_request": False},
+                                                "instance_rules": {"placeholder_output": False}})
+    kept, rejected, _ = run_stage(tmp_path, filter_stage, opts, [stage_dir(tmp_path, "in3", tasks)], name="f3")
     assert [t.id for t in kept] == ["t"] and not rejected
     with pytest.raises(ValueError):
         filter_stage.Options.model_validate({"instruction_rules": {"no_such_rule": True}})
@@ -181,16 +209,22 @@ def test_dedup_without_seeds_and_on_instruction_input(tmp_path):
                         task("b", "Summarize the article in one sentence.", ("Scientists found water ice in a "
                                                                             "crater near the lunar south pole.", "y"))]
     only = [stage_dir(tmp_path, "generate2", same_instruction)]
-    kept, _, _ = run_stage(tmp_path, dedup, dedup.Options(), only, name="d1")
+    kept, _, _ = run_stage(tmp_path, dedup, dedup.Options(rouge_on="instruction"), only, name="d1")
     assert [t.id for t in kept] == ["a"]
     kept, _, _ = run_stage(tmp_path, dedup, dedup.Options(rouge_on="instruction_input"), only, name="d2")
     assert [t.id for t in kept] == ["a", "b"]
+    kept, _, stats = run_stage(tmp_path, dedup, dedup.Options(), only, name="d3")  # auto: a file, no generation
+    assert [t.id for t in kept] == ["a", "b"] and stats.metrics["compared"] == "instruction_input"
+    gen = StageInput(name="gen", kind="generate", dir=only[0].dir)
+    kept, _, stats = run_stage(tmp_path, dedup, dedup.Options(), [gen], name="d4")  # auto after generation
+    assert [t.id for t in kept] == ["a"] and stats.metrics["compared"] == "instruction"
 
 
 def test_dedup_cleans_a_seed_file_without_comparing_it_to_itself(tmp_path):
+    """g6 shares g5's instruction with another input: a different task in a file of Alpaca records."""
     kept, rejected, _ = run_stage(tmp_path, dedup, dedup.Options(), [stage_dir(tmp_path, "seeds", GENERATED)])
-    assert [t.id for t in kept] == ["g0", "g1", "g4", "g5"]
-    assert {record_id(r) for r in rejected} == {"g2", "g3", "g6"}
+    assert [t.id for t in kept] == ["g0", "g1", "g4", "g5", "g6"]
+    assert {record_id(r) for r in rejected} == {"g2", "g3"}
 
 
 # ---- decontaminate --------------------------------------------------------------------------------------
@@ -256,7 +290,7 @@ def test_clean_a_file_through_the_runner(tmp_path):
                    f"  dedup: {{}}\n  decontaminate: {{eval_sets: [{user}]}}\n", encoding="utf-8")
     assert main(["run", str(cfg), "--no-progress"]) == 0
     recs = defect_records()
-    good = sorted(r["id"] for r in recs if "expected_rule" not in r)
+    good = sorted(set(r["id"] for r in recs) - set(expected_drops(recs, "general")))  # auto: a file, no generation
     assert sorted(json.loads(x)["id"] for x in (run / "filter" / RECORDS_FILE).read_text().splitlines()) == good
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
     for name in ("filter", "dedup", "decontaminate"):
@@ -296,3 +330,28 @@ def test_dedup_compares_with_the_seeds_only_after_a_generation_stage(tmp_path):
     assert stats.metrics["pool_seeds"] == 2 and "g0" not in {t.id for t in kept}  # g0 repeats seed_0
     kept, _, stats = run_stage(tmp_path, dedup, dedup.Options(), [seeds, filt], name="d2")
     assert stats.metrics["pool_seeds"] == 0 and "g0" in {t.id for t in kept}
+
+
+def test_an_evol_rewrite_is_not_a_near_duplicate_of_its_parent(tmp_path):
+    """An Evol rewrite adds a constraint to its parent's words: close to its parent by construction, which the
+    rewrite is for; close to any other kept instruction, it is a duplicate as usual."""
+    from pipeline.records import Provenance
+
+    parent = SEEDS[0].instruction
+    evolved = [
+        task("e0", "Write a short poem about the sea in four lines.", ("", "x"),
+             provenance=Provenance(extra={"evol_parent": parent})),
+        task("e1", "Write a short poem about the sea in four lines and rhyme.", ("", "x"),
+             provenance=Provenance(extra={"evol_parent": "List three fruits that are red."})),
+    ]
+    seeds = stage_dir(tmp_path, "seeds", SEEDS)
+    gen = StageInput(name="gen", kind="generate", dir=stage_dir(tmp_path, "gen", evolved).dir)
+    kept, rejected, _ = run_stage(tmp_path, dedup, dedup.Options(), [seeds, gen])
+    assert [t.id for t in kept] == ["e0"]  # e1 is close to e0 (not its parent): a duplicate
+    assert [(record_id(r), r.rule) for r in rejected] == [("e1", "rouge_near_duplicate")]
+    plain = [t.model_copy(update={"provenance": None}) for t in evolved]
+    gen2 = StageInput(name="gen2", kind="generate", dir=stage_dir(tmp_path, "gen2", plain).dir)
+    kept, rejected, _ = run_stage(tmp_path, dedup, dedup.Options(), [seeds, gen2], name="d2")
+    # without the lineage, e0 is a near-duplicate of the seed it came from (and e1, longer, is not)
+    assert [t.id for t in kept] == ["e1"] and [(record_id(r), r.record["meta"]["rouge_nearest"]) for r in rejected] \
+        == [("e0", "seed_0")]

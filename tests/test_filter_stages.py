@@ -72,7 +72,7 @@ def test_empty_input_markers_and_conflicts():
 def test_filter_drops_exactly_the_defective_records(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"name: clean\nrun_dir: {tmp_path / 'run'}\nstages:\n  seeds: {{path: {ROOT / 'data/defects_sample.jsonl'}}}\n"
-                   "  filter: {}\n  dedup: {}\n")
+                   "  filter: {rules: self_instruct}\n  dedup: {}\n")
     r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg), "--no-progress"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -96,7 +96,7 @@ def test_duplicate_and_empty_instructions_reported(tmp_path):
     r = seedtune("run", write_config(tmp_path, path), "--no-progress")
     assert r.returncode == 0, r.stderr
     rejected = [json.loads(ln) for ln in (tmp_path / "run" / "seeds" / "rejected.jsonl").read_text().splitlines()]
-    assert sorted(x["rule"] for x in rejected) == ["duplicate_instruction", "empty_instruction"]
+    assert sorted(x["rule"] for x in rejected) == ["duplicate_record", "empty_instruction"]
 
 
 def test_misspelled_key_names_path_and_line(tmp_path, shared_seeds):

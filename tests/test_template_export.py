@@ -151,3 +151,41 @@ def test_alpaca_prompt_is_token_prefix(make_tok):
         p = tok(ex.prompt)["input_ids"]
         full = tok(ex.prompt + ex.response)["input_ids"]
         assert full[: len(p)] == p, (t.instruction, tok.convert_ids_to_tokens(p[-3:]), tok.convert_ids_to_tokens(full[len(p) - 3:len(p) + 2]))
+
+
+def test_push_to_hub_uploads_the_card_and_its_plots_with_the_hubs_data_metadata(run_dir, monkeypatch):
+    """The Hub is replaced by recorders (no network here): the splits go up, then the plots, then our card as the
+    repo's README.md, carrying the data files' metadata that push_to_hub wrote into the repo's own card."""
+    import huggingface_hub
+
+    from pipeline.stages import export
+
+    calls = []
+    hub_card = huggingface_hub.DatasetCard(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+        "dataset_info:\n  splits:\n  - name: train\n    num_examples: 7\n---\nwritten by datasets\n")
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub",
+                        lambda self, repo_id, **kw: calls.append(("data", repo_id, kw["private"], kw["token"])))
+    monkeypatch.setattr(huggingface_hub.DatasetCard, "load",
+                        classmethod(lambda cls, repo_id, repo_type=None, token=None: hub_card))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("folder", kw["repo_id"], kw["repo_type"],
+                                                         sorted(p.name for p in Path(kw["folder_path"]).glob("*.png")),
+                                                         kw["allow_patterns"])))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_file",
+                        lambda self, **kw: calls.append(("file", kw["repo_id"], kw["path_in_repo"],
+                                                         kw["path_or_fileobj"].decode())))
+    out = run_dir / "export"
+    dd = datasets.load_from_disk(str(out / "dataset"))
+    export.push(dd, out, export.PushToHub(repo_id="org/data"), "hf_secret")
+    assert [c[0] for c in calls] == ["data", "folder", "file"]
+    assert calls[0] == ("data", "org/data", True, "hf_secret")
+    assert calls[1][3] and calls[1][4] == ["*.png"]
+    _, repo, path, readme = calls[2]
+    assert (repo, path) == ("org/data", "README.md")
+    card = huggingface_hub.DatasetCard(readme)
+    assert card.data["configs"][0]["data_files"][0]["path"] == "data/train-*"  # the Hub's, not the local files'
+    assert card.data["dataset_info"]["splits"][0]["num_examples"] == 7
+    local = (out / "README.md").read_text()
+    assert card.text.strip() == local.split("---", 2)[2].strip()  # the funnel, the statistics, the plots
+    assert "hf_secret" not in readme

@@ -122,3 +122,58 @@ def test_accelerate_launch_trains_data_parallel_on_two_processes(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "model")
+
+
+INJECT = """
+import sys
+import pipeline.stages.sft as sft
+
+def train(*args, **kwargs):
+    raise RuntimeError("CUDA out of memory on this rank (injected)")
+
+sft.train = train
+from pipeline.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_follower_whose_stage_fails_ends_every_rank_promptly_with_its_line(tmp_path):
+    """The two ranks started as a launcher starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT), without torchrun's
+    agent, which would stop the other rank itself: each rank's own exit is what is observed. Rank 1's sft stage
+    raises before training while rank 0 goes on into the Trainer's first collective; both exit non-zero within
+    seconds of the failure, rank 0 records rank 1's line as the stage's error, and both print it."""
+    import socket
+
+    cfg = config(tmp_path)
+    cfg.write_text(cfg.read_text().replace(f"max_steps: {STEPS}, save_steps: 4", "max_steps: 20, save_steps: 1000"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["run", str(cfg), "--no-progress"]
+    procs, logs = [], []
+    for r in (0, 1):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "pipeline", *args] if r == 0 else [sys.executable, "-c", INJECT, *args]
+        logs.append(open(tmp_path / f"rank{r}.log", "w+"))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+    ended = {}
+    deadline = time.monotonic() + 120
+    while len(ended) < 2 and time.monotonic() < deadline:
+        for r, p in enumerate(procs):
+            if r not in ended and p.poll() is not None:
+                ended[r] = time.monotonic()
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    out = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert len(ended) == 2, "a rank is still waiting:\n" + "\n".join(o[-2000:] for o in out)
+    assert abs(ended[0] - ended[1]) < 30, ended  # the other rank did not wait out a timeout
+    line = "rank 1: stage model failed: RuntimeError: CUDA out of memory on this rank (injected)"
+    assert procs[1].returncode == 1 and f"error: {line}" in out[1], out[1][-2000:]
+    assert procs[0].returncode == 1 and f"error: {line}" in out[0], out[0][-2000:]
+    model = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["model"]
+    assert model["state"] == "failed" and line in model["error"]
+    assert not (tmp_path / "run" / "model").exists()

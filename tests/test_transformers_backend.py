@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.models.base import BackendUnavailable, Completion, GenParams, Message, ModelRequest
+from pipeline.models.base import BackendUnavailable, Completion, Failure, GenParams, Message, ModelRequest
 from pipeline.models.transformers_backend import Options, create
 from tinymodel import save_tiny_causal
 
@@ -117,6 +117,38 @@ def test_sink_returning_false_stops_after_the_batch(tiny):
     groups = []
     b.generate(prompts(GenParams(temperature=0, max_tokens=2)), lambda g: groups.append(g) and False)
     assert len(groups) == 1 and [i for i, _ in groups[0]] == [0, 1]
+
+
+def test_a_prompt_over_the_context_fails_alone_permanently(tiny):
+    b = backend(tiny, batch_size=4)
+    p = GenParams(temperature=0, max_tokens=8)
+    long = ModelRequest(prompt=" ".join(["abc"] * 600), params=p)
+    res, groups = run(b, [ModelRequest(prompt="Give three tips", params=p), long,
+                          ModelRequest(prompt="abc", params=p)])
+    assert isinstance(res[0], Completion) and isinstance(res[2], Completion)
+    n = len(b.tokenizer()(long.prompt)["input_ids"])
+    assert n > 504
+    assert isinstance(res[1], Failure) and res[1].permanent and res[1].kind == "context_length"
+    assert f"{n} tokens + max_tokens 8 = {n + 8} tokens exceed the model's context of 512 tokens" in res[1].error
+    assert groups == [[0, 1, 2]]  # the batch is still committed as one unit
+
+
+def test_a_batch_that_raises_is_split_until_the_bad_request_is_alone(tiny):
+    b = backend(tiny, batch_size=4)
+    model, tok = b._load()
+    real = model.generate
+
+    def generate(**kw):
+        if any("poison" in t for t in tok.batch_decode(kw["input_ids"], skip_special_tokens=True)):
+            raise ValueError("Input contains a token the model cannot embed")
+        return real(**kw)
+
+    model.generate = generate
+    texts = ["abc", "Give three tips", "poison abc", "Copy the input"]
+    res, groups = run(b, prompts(GenParams(temperature=0, max_tokens=4), texts))
+    assert [type(r).__name__ for r in res] == ["Completion", "Completion", "Failure", "Completion"]
+    assert res[2].permanent and res[2].error == "Input contains a token the model cannot embed"
+    assert groups == [[0, 1, 2, 3]]
 
 
 def test_check_names_a_missing_model(tmp_path):

@@ -27,18 +27,44 @@ class FakeRequestOutput:
         self.outputs = [FakeOut(f"{text}#{k}") for k in range(n)]
 
 
-def fake_module(calls, structured=True):
+class FakeTokenizer:
+    """One token per word; the chat template joins the messages' contents after a role word each."""
+
+    def encode(self, text, add_special_tokens=True):
+        return [0] * (len(text.split()) + (1 if add_special_tokens else 0))
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        if any(m["role"] == "system" and m["content"] == "reject me" for m in messages):
+            raise ValueError("System role not supported")
+        text = " ".join(f"{m['role']} {m['content']}" for m in messages)
+        return text + (" assistant" if add_generation_prompt else "")
+
+
+def fake_module(calls, structured=True, max_model_len=None):
     mod = types.ModuleType("vllm")
 
     class SamplingParams:
         def __init__(self, **kw):
+            if kw["temperature"] < 0:
+                raise ValueError("temperature must be non-negative")
             self.kw = kw
+
+    class Engine:
+        model_config = types.SimpleNamespace(max_model_len=max_model_len)
+
+        def shutdown(self):
+            calls["shutdown"] = calls.get("shutdown", 0) + 1
 
     class LLM:
         def __init__(self, **kw):
             calls["init"] = kw
             if kw["model"] == "broken":
                 raise ValueError("no such model\nmore")
+            self.llm_engine = Engine()
+
+        if max_model_len is not None:
+            def get_tokenizer(self):
+                return FakeTokenizer()
 
         def generate(self, prompts, sampling_params=None, use_tqdm=True):
             assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)
@@ -49,6 +75,8 @@ def fake_module(calls, structured=True):
 
         def chat(self, messages, sampling_params=None, use_tqdm=True):
             calls.setdefault("chat", []).append((messages, [sp.kw for sp in sampling_params]))
+            if any(c[-1]["content"] == "crash" for c in messages):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return [FakeRequestOutput(f"chat:{c[-1]['content']}", sp.kw["n"]) for c, sp in zip(messages, sampling_params)]
 
     mod.SamplingParams, mod.LLM = SamplingParams, LLM
@@ -63,16 +91,25 @@ def fake_module(calls, structured=True):
     else:
         sp_mod.GuidedDecodingParams = Constraint
     mod.sampling_params = sp_mod
+    dist_mod = types.ModuleType("vllm.distributed")
+    dist_mod.parallel_state = types.SimpleNamespace(
+        destroy_model_parallel=lambda: calls.setdefault("destroyed", []).append("model_parallel"),
+        destroy_distributed_environment=lambda: calls.setdefault("destroyed", []).append("distributed_environment"))
+    mod.distributed = dist_mod
     return mod, sp_mod
+
+
+def install(monkeypatch, calls, **kw):
+    mod, sp_mod = fake_module(calls, **kw)
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp_mod)
+    monkeypatch.setitem(sys.modules, "vllm.distributed", mod.distributed)
+    return calls
 
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    calls = {}
-    mod, sp_mod = fake_module(calls)
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp_mod)
-    return calls
+    return install(monkeypatch, {})
 
 
 def run(b, requests):
@@ -158,3 +195,63 @@ def test_missing_vllm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(MissingExtra, match=r'the vllm backend needs .*pip install "seedtune\[vllm\]"'):
         create(Options(model="m"))
+
+
+def test_a_request_over_the_context_fails_alone_permanently_and_is_never_sent(monkeypatch):
+    calls = install(monkeypatch, {}, max_model_len=16)
+    p = GenParams(max_tokens=8)
+    reqs = [ModelRequest(prompt="one two three", params=p), ModelRequest(prompt=" ".join(["w"] * 10), params=p),
+            ModelRequest(messages=[Message(role="user", content=" ".join(["w"] * 12))], params=p),
+            ModelRequest(messages=[Message(role="user", content="hi")], params=p)]
+    got, groups = run(create(Options(model="m")), reqs)
+    assert isinstance(got[0], Completion) and isinstance(got[3], Completion)
+    for i, tokens in ((1, 11), (2, 14)):  # a BOS for the plain prompt; role words of the chat template
+        assert isinstance(got[i], Failure) and got[i].permanent and got[i].kind == "context_length"
+        assert f"{tokens} tokens + max_tokens 8 = {tokens + 8} tokens" in got[i].error
+        assert "context of 16" in got[i].error
+    assert calls["generate"][0][0] == ["one two three"]  # the long prompt never reached the engine
+    assert [c[-1]["content"] for c in calls["chat"][0][0]] == ["hi"]
+    assert sorted(groups) == [[0, 1], [2, 3]]  # still committed per chunk
+
+
+def test_a_call_that_raises_is_split_until_the_bad_request_is_alone(monkeypatch):
+    calls = install(monkeypatch, {}, max_model_len=4096)
+    reqs = [ModelRequest(prompt=f"p{i}") for i in range(7)] + [ModelRequest(prompt="too long")]
+    got, groups = run(create(Options(model="m")), reqs)
+    assert all(isinstance(got[i], Completion) for i in range(7)) and got[3].texts == ["out:p3#0"]
+    assert isinstance(got[7], Failure) and got[7].permanent and "maximum model length" in got[7].error
+    assert groups == [list(range(8))]  # the chunk is still committed as one unit
+    assert len(calls["generate"]) == 7  # halved three times: 8, then 4+4, 2+2, 1+1
+    chat = [ModelRequest(messages=[Message(role="user", content=c)]) for c in ("a", "crash", "b")]
+    chat.append(ModelRequest(messages=[Message(role="system", content="reject me"), Message(role="user", content="c")]))
+    chat.append(ModelRequest(messages=[Message(role="user", content="d")], params=GenParams(temperature=-1)))
+    got, _ = run(create(Options(model="m")), chat)
+    assert isinstance(got[0], Completion) and isinstance(got[2], Completion)
+    assert isinstance(got[1], Failure) and not got[1].permanent and "illegal memory access" in got[1].error
+    assert got[3].permanent and got[3].error == "chat template: System role not supported"
+    assert got[4].permanent and "temperature must be non-negative" in got[4].error
+
+
+def test_close_shuts_the_engine_down_and_frees_gpu_memory(fake_vllm, monkeypatch):
+    import torch
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    b = create(Options(model="m"))
+    run(b, [ModelRequest(prompt="x")])
+    b.close()
+    assert fake_vllm["shutdown"] == 1 and b._llm is None
+    assert fake_vllm["destroyed"] == ["model_parallel", "distributed_environment"] and emptied
+    b.close()  # a second close, or a close before any request, starts and stops nothing
+    assert fake_vllm["shutdown"] == 1
+
+
+def test_close_leaves_a_process_group_it_did_not_start(fake_vllm, monkeypatch):
+    import pipeline.models.vllm_backend as vb
+
+    monkeypatch.setattr(vb, "_distributed_started", lambda: True)  # seedtune's own group, under torchrun
+    b = create(Options(model="m"))
+    run(b, [ModelRequest(prompt="x")])
+    b.close()
+    assert fake_vllm["shutdown"] == 1 and fake_vllm["destroyed"] == ["model_parallel"]

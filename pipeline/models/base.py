@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger(__name__)
 
 
 class Message(BaseModel):
@@ -160,6 +163,36 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
     """``text`` up to the earliest stop string in it, else None."""
     hits = [text.find(s) for s in stops if s and s in text]
     return text[: min(hits)] if hits else None
+
+
+def over_context(prompt_tokens: int, max_tokens: int, context: int) -> Failure | None:
+    """A permanent failure when a prompt and its ``max_tokens`` do not fit the engine's context, else None."""
+    if prompt_tokens + max_tokens <= context:
+        return None
+    return Failure(error=f"the prompt's {prompt_tokens} tokens + max_tokens {max_tokens} = "
+                         f"{prompt_tokens + max_tokens} tokens exceed the model's context of {context} tokens",
+                   kind="context_length", permanent=True)
+
+
+def isolate(call: Callable[[list[int]], Sequence[ModelResult]], members: list[int]) -> dict[int, ModelResult]:
+    """Answer ``members`` (request indices) with one ``call``; when the call raises, each half on its own, down
+    to the request at fault, so that one bad request fails alone and the others are answered. Alone, a
+    ValueError or TypeError (the engine rejecting the request) is a permanent failure; anything else (out of
+    memory, a device error) is transient."""
+    if not members:
+        return {}
+    try:
+        results = list(call(members))
+    except (ValueError, TypeError, RuntimeError) as e:
+        if len(members) > 1:
+            half = len(members) // 2
+            return {**isolate(call, members[:half]), **isolate(call, members[half:])}
+        error = error_line(e)
+        log.warning("generation failed: %s", error)
+        return {members[0]: Failure(error=error, kind="generation_error", permanent=not isinstance(e, RuntimeError))}
+    if len(results) != len(members):
+        raise RuntimeError(f"the engine answered {len(results)} of {len(members)} requests")
+    return dict(zip(members, results))
 
 
 def release_accelerator_memory() -> None:

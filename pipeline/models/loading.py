@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,37 +54,69 @@ def split_gguf(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
     return path, gguf_file
 
 
-def weights_identity(spec: str, gguf_file: str | None = None, revision: str | None = None) -> str:
-    """A content hash of the weights a model spec names; never loads them.
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+UNRESOLVED = ":unresolved"
+# What may be a Hub id (``name`` or ``org/name``); anything else that is not on disk is a missing local path.
+HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
-    A local file or folder hashes its bytes (cached by path, size and mtime, so a large checkpoint is read
-    once and a retrained one is always read again). A hub id resolves to the files of its snapshot in the
-    local hub cache, else to the commit the hub names for ``revision``; if neither can be had the identity
-    is the id and the revision as given, which a later resolution replaces."""
+
+def is_hub_id(spec: str, gguf_file: str | None = None) -> bool:
+    """True when ``spec`` names a Hub repository: not ``pkg://``, not on disk, and shaped like an id."""
+    if spec.startswith(PKG_PREFIX):
+        return False
+    where, _ = split_gguf(spec, gguf_file)
+    return not Path(where).exists() and HUB_ID_RE.fullmatch(where) is not None
+
+
+def weights_identity(spec: str, gguf_file: str | None = None, revision: str | None = None) -> str:
+    """What a model spec's weights are, without loading them.
+
+    A local file or folder is a content hash of its bytes (each file's hash cached by path, size and mtime, so
+    a large checkpoint is read once per version and a retrained one is read again). A Hub id is its commit,
+    ``hub:<id>@<commit>``, the same before and after the snapshot is downloaded and never a hash of its files;
+    where no commit can be had (offline and not in the local cache) it is ``hub:<id>@<revision>:unresolved``,
+    under which the runner computes nothing (see :func:`hub_commit`)."""
     where, gguf = split_gguf(spec, gguf_file)
     p = Path(where)
     if p.exists():
         target = p / gguf if gguf else p
         return content_hash(target)[-24:] if target.exists() else f"missing:{target}"
-    return hub_identity(where, revision)
+    if not is_hub_id(where):
+        return f"missing:{where}"
+    commit = hub_commit(where, revision)
+    return f"hub:{where}@{commit}" if commit else f"hub:{where}@{revision or 'main'}{UNRESOLVED}"
 
 
-def hub_identity(repo_id: str, revision: str | None) -> str:
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(repo_id, revision=revision, local_files_only=True)
-        return "hub:" + repo_id + ":" + content_hash(folder)[-24:]
-    except Exception:  # noqa: BLE001 - not in the local cache
-        pass
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a Hub revision names: the revision itself when it is a commit hash, else the local Hub
+    cache's ref for it (written by a download), else the Hub's answer; None offline or unreachable."""
+    if revision and COMMIT_RE.fullmatch(revision):
+        return revision
+    cached = cached_commit(repo_id, revision or "main")
+    if cached:
+        return cached
     if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
-        return f"hub:{repo_id}@{revision or 'main'}:unresolved"
+        return None
     try:
         from huggingface_hub import HfApi
 
-        return f"hub:{repo_id}@" + HfApi().model_info(repo_id, revision=revision).sha
+        sha = HfApi().model_info(repo_id, revision=revision).sha
     except Exception:  # noqa: BLE001 - no network or no such repo: loading will say so
-        return f"hub:{repo_id}@{revision or 'main'}:unresolved"
+        return None
+    return sha if isinstance(sha, str) and COMMIT_RE.fullmatch(sha) else None
+
+
+def cached_commit(repo_id: str, revision: str) -> str | None:
+    """The commit ``refs/<revision>`` holds in the local Hub cache (one small file read), else None."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+        sha = ref.read_text(encoding="utf-8").strip()
+    except (ImportError, OSError, ValueError):
+        return None
+    return sha if COMMIT_RE.fullmatch(sha) else None
 
 
 def torch_dtype(name: str) -> Any:
@@ -98,9 +131,9 @@ def torch_dtype(name: str) -> Any:
         raise UserError(f"unknown dtype '{name}' (use float32, bfloat16, float16 or auto)") from None
 
 
-def dequantized_folder(where: str, gguf: str, trust_remote_code: bool = False) -> Path:
+def dequantized_folder(where: str, gguf: str, trust_remote_code: bool = False, revision: str | None = None) -> Path:
     """Dequantise a GGUF file once into a plain safetensors folder in the cache; return that folder."""
-    target = cache_root() / "gguf" / weights_identity(where, gguf)[-16:]
+    target = cache_root() / "gguf" / weights_identity(where, gguf, revision)[-16:]
     if (target / "config.json").exists():
         return target
     try:
@@ -110,21 +143,30 @@ def dequantized_folder(where: str, gguf: str, trust_remote_code: bool = False) -
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("dequantising %s once into %s", gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code,
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, revision=revision,
+                                                 trust_remote_code=trust_remote_code,
                                                  quantization_config=GgufConfig(dequantize=True))
-    tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code)
-    tmp = target.with_name(target.name + ".tmp")
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, revision=revision, trust_remote_code=trust_remote_code)
+    # a folder of this process's own, renamed into place: two processes dequantising at once (parallel test
+    # workers, two runs) never write into one folder, and the first rename wins
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else None
+    try:
+        tmp.rename(target)
+    except OSError:  # another process got there first: its folder holds the same weights
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def local_folder(spec: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> str:
+def local_folder(spec: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                 revision: str | None = None) -> str:
     """A folder (or hub id) ``from_pretrained`` loads directly; GGUF files go through the dequantised cache."""
     where, gguf = split_gguf(spec, gguf_file)
     if gguf:
-        return str(dequantized_folder(where, gguf, trust_remote_code))
+        return str(dequantized_folder(where, gguf, trust_remote_code, revision))
     return where
 
 
@@ -134,7 +176,7 @@ def load_model_and_tokenizer(spec: str, *, gguf_file: str | None = None, revisio
     """Load weights and tokenizer. ``seq2seq=None`` picks causal or encoder-decoder from the config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    folder = local_folder(spec, gguf_file, trust_remote_code)
+    folder = local_folder(spec, gguf_file, trust_remote_code, revision)
     try:
         config = AutoConfig.from_pretrained(folder, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:

@@ -163,7 +163,7 @@ class OpenAIBackend:
         import openai
 
         tokens = len(req.model_dump_json()) / 4 + req.params.max_tokens * req.params.n
-        await self.limiter.acquire(tokens)
+        probe = await self.limiter.acquire(tokens)
         headers, limited = None, False
         try:
             data, headers = await self._send(client, req)
@@ -182,7 +182,7 @@ class OpenAIBackend:
         except (openai.APIResponseValidationError, ValueError, TypeError) as e:  # e.g. a body that is not JSON
             raise Retryable("malformed", f"malformed response: {error_line(e, ERROR_CHARS)}") from None
         finally:
-            self.limiter.release(tokens, headers, limited)
+            self.limiter.release(tokens, headers, limited, probe)
         return self.completion(data, req)
 
     def completion(self, data: Any, req: ModelRequest) -> Completion:

@@ -3,7 +3,9 @@
 Batched with left padding; chat requests go through the tokenizer's chat template; stop strings are
 honoured (the text is cut at the first one, finish reason "stop"). Sampling is reproducible: each batch's
 members are fixed in request order, its random seed derives from the members' keys, and the batch is
-reported (and so committed) as one unit, so an answer is the same after a resume.
+reported (and so committed) as one unit, so an answer is the same after a resume. Requests fail one by one:
+a prompt that does not fit the model's context with its ``max_tokens`` is refused before the batch runs
+(permanent), and a batch whose generation raises is split until the request at fault is alone.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.models.base import (release_accelerator_memory, BackendUnavailable, Completion, Failure, ModelRequest, ModelResult, ResultSink,
-                                  Usage, cut_at_stop, error_line)
+                                  Usage, cut_at_stop, error_line, isolate, over_context)
 from pipeline.models.loading import load_model_and_tokenizer, resolve_model_path, weights_identity
 
 log = logging.getLogger(__name__)
+
+# The option fields naming weights (model, GGUF file, revision): a Hub revision is pinned to its commit.
+WEIGHTS = (("model", "gguf_file", "revision"),)
 
 
 class Options(BaseModel):
@@ -132,15 +137,26 @@ class TransformersBackend:
             text, reason = cut, "stop"
         return text, reason, len(seq)
 
+    def refusal(self, req: ModelRequest) -> Failure | None:
+        """Why ``req`` cannot be sent (its messages break the chat template, or the prompt and ``max_tokens`` do
+        not fit the model's context, counted with its tokenizer), else None. Both are permanent."""
+        model, tok = self._load()
+        try:
+            text = self._prompt_text(req)
+        except Exception as e:  # noqa: BLE001 - a template that rejects these messages (jinja raises its own types)
+            return Failure(error=f"chat template: {error_line(e)}", kind="invalid_request", permanent=True)
+        context = context_length(model)
+        if context is None:
+            return None
+        prompt_tokens = len(tok(text, add_special_tokens=req.messages is None)["input_ids"])
+        return over_context(prompt_tokens, req.params.max_tokens, context)
+
     def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink, store: Any = None) -> None:
         for members in batches(self.options, requests):
-            try:
-                res = self._generate_batch([requests[i] for i in members])
-            except (RuntimeError, ValueError) as e:
-                error = error_line(e)
-                log.warning("generation failed: %s", error)
-                res = [Failure(error=error, kind="generation_error")] * len(members)
-            if not on_result(list(zip(members, res))):
+            results = {i: self.refusal(requests[i]) for i in members}
+            fit = [i for i in members if results[i] is None]
+            results.update(isolate(lambda part: self._generate_batch([requests[i] for i in part]), fit))
+            if not on_result([(i, results[i]) for i in members]):
                 return
 
     def close(self) -> None:
@@ -157,6 +173,19 @@ def batches(options: Options, requests: Sequence[ModelRequest]) -> list[list[int
         groups.setdefault(r.params.model_dump_json() + str(r.messages is None), []).append(i)
     bs = max(1, options.batch_size)
     return [idx[s : s + bs] for idx in groups.values() for s in range(0, len(idx), bs)]
+
+
+def context_length(model: Any) -> int | None:
+    """The positions a decoder-only model can attend over (prompt and answer together); None where the config
+    states none (encoder-decoder models, whose prompt and answer have separate limits, and Mamba)."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def stop_criteria(tok: Any, stops: list[str], prompt_len: int) -> Any:

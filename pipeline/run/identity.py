@@ -2,8 +2,8 @@
 
 A fingerprint covers the stage's kind and options; the content of every file its ``dependencies(options)``
 names (templates, data, evaluation sets); what its ``identity(options)`` states (e.g. a base model's weights,
-as a content hash); the static identity of every model it calls (each backend's ``identity(options)``: the
-options that reach the wire, the weights' content hash); the code that runs it (the stage's module and every
+as a content hash or a Hub commit); the static identity of every model it calls (each backend's
+``identity(options)``: the options that reach the wire, the weights' content hash or Hub commit); the code that runs it (the stage's module and every
 ``pipeline`` module it imports, transitively, outside the runner); the digests of all earlier stages' outputs;
 the run seed. Computing it never loads a model, starts an engine or opens a connection.
 """

@@ -40,9 +40,10 @@ from pipeline.run.executors import executor_for
 from pipeline.run.identity import STAGE_FILE, dir_digest, fingerprint
 from pipeline.run.journal import Journal
 from pipeline.run.manifest import now_iso, package_versions, read_manifest, write_manifest
+from pipeline.run.revisions import pin_revisions
 from pipeline.run.rundir import RunLock, ensure_owned, fresh_start
 from pipeline.stages import stage_module
-from pipeline.stages.context import StageContext, StageInput, StageStats
+from pipeline.stages.context import StageContext, StageInput, StageStats, top_rules
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,23 @@ class StageStopped(Exception):
 
 class AllRequestsFailed(Exception):
     """Every request of a stage failed: the run stops there rather than carry an empty dataset on."""
+
+
+class RemovedEverything(UserError):
+    """A data stage dropped every record it read: the run stops there rather than carry an empty dataset on."""
+
+
+DATA_KINDS = ("seeds", "filter", "dedup", "judge", "decontaminate")  # stages that keep or drop what they read
+
+
+def check_not_emptied(name: str, kind: str, stats: dict[str, Any], folder: Path) -> None:
+    """Stop the run when a data stage kept none of the records it read, naming the rule that dropped most."""
+    if kind not in DATA_KINDS or not stats.get("rows_in") or stats.get("rows_out"):
+        return
+    rules = top_rules(stats.get("rejected") or {})
+    top = ", ".join(f"{r} {n:,}" for r, n in rules[:3]) or "no rule"
+    raise RemovedEverything(f"stage '{name}' removed all {stats['rows_in']:,} records (most by {top}); the run "
+                            f"stops here. The drops and their reasons: {folder / 'rejected.jsonl'}")
 
 
 @dataclass
@@ -125,6 +143,7 @@ class Runner:
         self.events = events or (lambda kind, data: None)
         self.run_dir = Path(config.run_dir)
         self.manifest: dict[str, Any] = {}
+        self.unresolved: dict[str, str] = {}  # stage name -> why a Hub model it needs has no commit
         names = [s.name for s in config.stages]
         for opt, val in (("--until", self.options.until), ("--from", self.options.from_stage)):
             if val is not None and val not in names:
@@ -138,6 +157,7 @@ class Runner:
     # -- planning
     def plan(self) -> list[dict[str, Any]]:
         """What a run would do now, without doing it: the same decisions as :meth:`run`."""
+        self.config = pin_revisions(self.config, self.table, self._pins()).config
         rows, upstream, dirty = [], [], False
         names = [s.name for s in self.config.stages]
         forced_from = names.index(self.options.from_stage) if self.options.from_stage else len(names)
@@ -173,8 +193,14 @@ class Runner:
                 root.removeHandler(handler)
                 handler.close()
 
+    def _pins(self) -> dict[str, str]:
+        """The Hub commits this run folder is pinned to (see :mod:`pipeline.run.revisions`)."""
+        return (read_manifest(self.run_dir) or {}).get("revisions") or {}
+
     def _init_manifest(self) -> None:
         old = read_manifest(self.run_dir) or {}
+        pinned = pin_revisions(self.config, self.table, old.get("revisions") or {})
+        self.config, self.unresolved = pinned.config, pinned.unresolved
         self.manifest = {
             "seedtune_version": __version__,
             "name": self.config.name,
@@ -184,6 +210,7 @@ class Runner:
             "overrides": self.config.overrides_redacted,
             "seed": self.config.seed,
             "packages": package_versions(),
+            "revisions": pinned.revisions,
             "stages": {s.name: {"kind": s.kind, **(old.get("stages", {}).get(s.name, {}))}
                        for s in self.config.stages},
         }
@@ -209,12 +236,15 @@ class Runner:
             elif action == "restore":
                 outcome = self._restore(spec, fp, info or {})
             else:
+                if spec.name in self.unresolved:  # nothing is keyed under a commit not yet known
+                    raise UserError(self.unresolved[spec.name])
                 outcome = self._compute(spec, module, fp, inputs, journal)
             outcomes.append(outcome)
             info = read_stage_file(self.run_dir / spec.name) or {}
             upstream = upstream + [(spec.name, info.get("digest", ""))]
             inputs = inputs + [StageInput(spec.name, spec.kind, self.run_dir / spec.name)]
             st = outcome.stats
+            check_not_emptied(spec.name, spec.kind, st, self.run_dir / spec.name)
             if action == "run" and st.get("failures") and not st.get("answers"):
                 kinds = ", ".join(f"{k} {v}" for k, v in (st.get("failure_kinds") or {}).items())
                 raise AllRequestsFailed(f"stage '{spec.name}': all {st['failures']} requests failed ({kinds}); "
@@ -299,8 +329,8 @@ class Runner:
                       **stats.as_dict(), open_failures=stats.failures - stats.failures_permanent, **extra)
 
         try:
-            lead_stage(ctx)  # a training stage under torchrun/accelerate: every rank trains it
-            module.run(ctx)
+            with lead_stage(ctx):  # a training stage under torchrun/accelerate: every rank trains it
+                module.run(ctx)
         except KeyboardInterrupt:
             finish("interrupted")
             self.events("stage_end", {"name": spec.name, "state": "interrupted"})

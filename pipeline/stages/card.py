@@ -112,13 +112,47 @@ def rouge_to_seeds(examples: list[TrainingExample], seeds: list[Task]) -> list[f
     return [index.query(t)[0] for t in tasks.values()]
 
 
+def rouge_from_dedup(dedup: StageInput, examples: list[TrainingExample]) -> list[float]:
+    """Each final task's ROUGE-L to its nearest earlier record as the dedup stage found it (no new search)."""
+    final = {e.task_id for e in examples}
+    out = []
+    with open(dedup.dir / "records.jsonl", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["id"] in final:
+                out.append(float((rec.get("meta") or {}).get("rouge_score") or 0.0))
+    return out
+
+
+def similarity(inputs: list[StageInput], examples: list[TrainingExample], seeds: list[Task]) -> tuple[str, list[float]]:
+    """What the card's similarity histogram shows, and its values, without comparing every record with every
+    other: generated data against its seed tasks (a small pool); a cleaned file from its dedup stage's numbers
+    (the seeds are the data there), or nothing without one."""
+    if any(i.kind == "generate" for i in inputs):
+        return "the nearest seed task", (rouge_to_seeds(examples, seeds) if seeds else [])
+    dedup = next((i for i in reversed(inputs) if i.kind == "dedup"), None)
+    if dedup is None or not (dedup.dir / "records.jsonl").exists():
+        return "", []
+    return "the nearest earlier record, as the dedup stage compared them", rouge_from_dedup(dedup, examples)
+
+
+def drop_warnings(inputs: list[StageInput]) -> list[dict[str, Any]]:
+    """The stages that dropped more than half of what they read, with their top rule and two drops."""
+    out = []
+    for inp in inputs:
+        w = stage_info(inp).get("stats", {}).get("drop_warning")
+        if w:
+            out.append({"name": inp.name, **w})
+    return out
+
+
 def histogram(values: list[float], bins: int = 10) -> list[dict]:
     counts = Counter(min(int(v * bins), bins - 1) for v in values)
     return [{"range": f"{i / bins:.1f}-{(i + 1) / bins:.1f}", "count": counts.get(i, 0)} for i in range(bins)]
 
 
 def plots(out_dir: Path, examples: list[TrainingExample], rouge: list[float],
-          verbs: list[tuple[str, int]]) -> list[dict]:
+          verbs: list[tuple[str, int]], rouge_label: str = "the nearest seed task") -> list[dict]:
     try:
         import matplotlib
 
@@ -141,12 +175,13 @@ def plots(out_dir: Path, examples: list[TrainingExample], rouge: list[float],
         ax.set_xlabel("words")
         ax.set_ylabel("examples")
     save(fig, "lengths.png", "Lengths of instruction, input and output")
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.hist(rouge, bins=[i / 10 for i in range(11)], color="#55a868")
-    ax.set_title("ROUGE-L to the nearest seed task")
-    ax.set_xlabel("ROUGE-L F1 to the nearest seed instruction")
-    ax.set_ylabel("tasks")
-    save(fig, "rouge_to_seeds.png", "ROUGE-L to the nearest seed task")
+    if rouge:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.hist(rouge, bins=[i / 10 for i in range(11)], color="#55a868")
+        ax.set_title("ROUGE-L to " + rouge_label, fontsize=9)
+        ax.set_xlabel("ROUGE-L F1")
+        ax.set_ylabel("tasks")
+        save(fig, "rouge_to_seeds.png", "ROUGE-L to " + rouge_label)
     if verbs:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.barh([v for v, _ in verbs][::-1], [n for _, n in verbs][::-1], color="#c44e52")

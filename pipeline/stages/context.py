@@ -55,6 +55,16 @@ class ModelClient(Protocol):
         """The underlying backend (e.g. for a local model's tokenizer). Rarely needed."""
 
 
+# A rule that only follows from others (every instance of a task dropped by instance rules) never names the
+# cause of a stage's drops while another rule does.
+DERIVED_RULES = ("no_instances_left",)
+
+
+def top_rules(rejected: dict[str, int]) -> list[tuple[str, int]]:
+    """Rules by the rows they dropped, most first; derived rules after the rest."""
+    return sorted(rejected.items(), key=lambda kv: (kv[0] in DERIVED_RULES, -kv[1], kv[0]))
+
+
 @dataclass
 class StageStats:
     rows_in: int = 0
@@ -73,6 +83,16 @@ class StageStats:
     failures_permanent: int = 0
     failure_kinds: Counter = field(default_factory=Counter)
     failure_samples: list = field(default_factory=list)  # the first few, with their reasons
+    rejection_samples: dict = field(default_factory=dict)  # rule -> the first two drops {record, reason}
+
+    def drop_warning(self) -> dict[str, Any] | None:
+        """Where the stage dropped more than half its rows: the share, the rule that dropped most and two of its
+        drops (record, reason)."""
+        if not self.rows_in or self.rows_out * 2 >= self.rows_in or not self.rejected:
+            return None
+        rule, n = top_rules(self.rejected)[0]
+        return {"dropped_share": round(1 - self.rows_out / self.rows_in, 4), "top_rule": rule, "top_rule_count": n,
+                "examples": self.rejection_samples.get(rule, [])}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -91,8 +111,19 @@ class StageStats:
             "failures_permanent": self.failures_permanent,
             "failure_kinds": dict(sorted(self.failure_kinds.items())),
             "failure_samples": self.failure_samples,
+            "drop_warning": self.drop_warning(),
             "metrics": self.metrics,
         }
+
+
+def _brief(record: BaseModel | dict[str, Any]) -> str:
+    """A dropped record in one short line: its id and the start of its text."""
+    rec = record.model_dump() if isinstance(record, BaseModel) else record
+    rid = rec.get("id") or rec.get("task_id") or ""
+    text = rec.get("instruction") or rec.get("text") or ""
+    inp = rec.get("input") or ((rec.get("instances") or [{}])[0] or {}).get("input") or ""
+    shown = " ".join(f"{text} | {inp}".split()) if inp else " ".join(str(text).split())
+    return f"{rid}: {shown[:100]}{'…' if len(shown) > 100 else ''}" if rid else shown[:100]
 
 
 @dataclass
@@ -155,6 +186,9 @@ class StageContext:
             head = self._reject_heads[rule] = dumps({"stage": self.name, "rule": rule, "reason": ""})[:-3]
         self._rejected_file.write(f'{head}{dumps(reason)},"record":{dumps(record)}}}\n')
         self.stats.rejected[rule] += 1
+        samples = self.stats.rejection_samples.setdefault(rule, [])
+        if len(samples) < 2:
+            samples.append({"record": _brief(record), "reason": reason})
 
     def close(self) -> None:
         if self._rejected_file is not None:

@@ -34,7 +34,7 @@ def dependencies(options: Options) -> list[Path]:
 
 def check(options: Options) -> None:
     for p in options.eval_sets:
-        load_tasks(SeedOptions(path=p))
+        load_tasks(SeedOptions(path=p, allow_empty_outputs=True))
 
 
 def _ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
@@ -51,7 +51,7 @@ def run(ctx: StageContext) -> None:
     index = NearDuplicateIndex(o.rouge_threshold if o.rouge_threshold is not None else 1.0)
     n_eval = 0
     for path in o.eval_sets:
-        for t in load_tasks(SeedOptions(path=path)):
+        for t in load_tasks(SeedOptions(path=path, allow_empty_outputs=True)):
             n_eval += 1
             ref = f"{path}#{t.id}"
             index.add(t.instruction, ref)

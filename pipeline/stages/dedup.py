@@ -32,7 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.models.encoder import DEFAULT_ENCODER
 from pipeline.records import Task
 from pipeline.stages.context import StageContext, StageInput
-from pipeline.text.rouge import NearDuplicateIndex
+from pipeline.text.rouge import NearDuplicateIndex, rouge_l_f1, tokenize
+from pipeline.text.shared import N as N_SHARED
+from pipeline.text.shared import SharedText
 
 ROUGE_THRESHOLD = 0.7
 # Chosen on tests/data/paraphrase_pairs.jsonl (36 paraphrase pairs and 36 pairs of different tasks on the
@@ -49,7 +51,11 @@ class Options(BaseModel):
     mode: Literal["exact", "minhash", "embedding"] = "exact"
     against_seeds: bool = True
     exact_duplicates: bool = True
-    rouge_on: Literal["instruction", "instruction_input"] = "instruction"  # the originals: instruction only
+    # instruction: the originals (a generated instruction against the pool); instruction_input: records that
+    # share an instruction and differ in input are different tasks (Alpaca data), a near-duplicate is near in
+    # both; auto: instruction after a generation stage, instruction_input when cleaning a file
+    rouge_on: Literal["auto", "instruction", "instruction_input"] = "auto"
+    shared_text: bool = True  # leave text many records share (a preamble, a template) out of the comparison
     exact_nearest: bool = False  # exact mode: also search the whole pool for a kept record's nearest (slower)
     num_perm: int = 256  # minhash
     bands: int = 64  # minhash
@@ -87,10 +93,21 @@ def _index(o: Options):
     return NearDuplicateIndex(threshold(o))
 
 
-def _text(task: Task, o: Options) -> str:
-    if o.rouge_on == "instruction_input" and task.instances and task.instances[0].input:
+def _text(task: Task, on: str) -> str:
+    if on == "instruction_input" and task.instances and task.instances[0].input:
         return f"{task.instruction}\n{task.instances[0].input}"
     return task.instruction
+
+
+def _generated(ctx: StageContext) -> bool:
+    return any(inp.kind == "generate" for inp in ctx.inputs)
+
+
+def compared(ctx: StageContext, o: Options) -> str:
+    """What ``rouge_on: auto`` compares here."""
+    if o.rouge_on != "auto":
+        return o.rouge_on
+    return "instruction" if _generated(ctx) else "instruction_input"
 
 
 def seed_pool(ctx: StageContext, o: Options) -> StageInput | None:
@@ -117,33 +134,93 @@ def drop_exact_duplicates(ctx: StageContext, tasks: list[Task]) -> list[Task]:
     return out
 
 
-def rouge_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], tasks: list[Task]) -> list[Task]:
+def _first_input(task: Task) -> str:
+    return task.instances[0].input if task.instances else ""
+
+
+def _evol_parent(task: Task) -> str | None:
+    return ((task.provenance.extra if task.provenance else {}) or {}).get("evol_parent")
+
+
+def rouge_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], tasks: list[Task], on: str) -> list[Task]:
+    """The greedy ROUGE-L decisions on each record's instruction — without the text many records share — and,
+    with ``on == "instruction_input"``, a near-duplicate's input must be near too (or both empty). An Evol
+    rewrite is never a duplicate of the instruction it was evolved from."""
     index, t = _index(o), threshold(o)
-    for seed in seeds:
-        index.add(_text(seed, o), seed.id)
-    out = []
     exact = o.mode == "exact"
-    for task in tasks:
+    with_input = on == "instruction_input"
+    ins = {x.id: tokenize(x.instruction) for x in seeds + tasks}
+    shared_ins = SharedText.find([ins[x.id] for x in tasks]) if o.shared_text and exact else SharedText()
+    inp = {x.id: tokenize(_first_input(x)) for x in seeds + tasks} if with_input else {}
+    shared_inp = SharedText.find([inp[x.id] for x in tasks]) if with_input and o.shared_text and exact else SharedText()
+    if with_input:
+        inp = {k: shared_inp.strip(v) for k, v in inp.items()}
+    by_text: dict[str, list[str]] = {}  # normalised instruction -> ids in the pool (an Evol rewrite's parent)
+    evolved = any(_evol_parent(x) for x in tasks)
+    for seed in seeds:
         if exact:
-            d = index.check_and_add(_text(task, o), task.id, exact_nearest=o.exact_nearest)
+            index.add(seed.instruction, seed.id, tokens=shared_ins.strip(ins[seed.id]))
         else:
-            d = index.check_and_add(_text(task, o), task.id)
+            index.add(_text(seed, on), seed.id)
+        if evolved:
+            by_text.setdefault(normalise(seed.instruction), []).append(seed.id)
+    out = []
+    for task in tasks:
+        accept = _acceptor(task, inp, by_text, t) if (with_input or _evol_parent(task)) else None
+        tokens = shared_ins.strip(ins[task.id])
+        if exact:
+            d = index.check_and_add(task.instruction, task.id, exact_nearest=o.exact_nearest, accept=accept,
+                                    tokens=tokens)
+        else:
+            d = index.check_and_add(_text(task, on), task.id)
         task.meta["rouge_nearest"], task.meta["rouge_score"] = d.nearest, round(d.score, 6)
         if not d.kept:
-            ctx.reject(task, "rouge_near_duplicate", f"ROUGE-L {d.score:.3f} > {t} with {d.nearest}")
+            what = "instruction and input" if with_input else "instruction"
+            ctx.reject(task, "rouge_near_duplicate", f"ROUGE-L {d.score:.3f} > {t} with {d.nearest} ({what})")
             continue
+        if evolved:
+            by_text.setdefault(normalise(task.instruction), []).append(task.id)
         out.append(task)
+    ctx.stats.metrics["compared"] = on
+    if shared_ins.records or shared_inp.records:
+        ctx.stats.metrics["shared_text"] = {
+            "ngram_tokens": N_SHARED, "instruction_ngrams": len(shared_ins.ngrams) + len(shared_ins.long_ngrams),
+            "input_ngrams": len(shared_inp.ngrams) + len(shared_inp.long_ngrams),
+            "records": shared_ins.records + shared_inp.records,
+            "tokens_left_out": shared_ins.tokens + shared_inp.tokens,
+            "examples": shared_ins.examples() + shared_inp.examples()}
     return out
 
 
-def embedding_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], tasks: list[Task]) -> list[Task]:
+def _acceptor(task: Task, inp: dict[str, list[str]], by_text: dict[str, list[str]], t: float):
+    """Whether a kept item close in instruction makes ``task`` a duplicate: not its Evol parent; with inputs
+    compared, only when the inputs are near too (or both empty)."""
+    parent = _evol_parent(task)
+    parents = set(by_text.get(normalise(parent), [])) if parent else set()
+    mine = inp.get(task.id)
+
+    def accept(key: str) -> bool:
+        if key in parents:
+            return False
+        if mine is None:
+            return True
+        theirs = inp[key]
+        if not mine or not theirs:
+            return not mine and not theirs
+        return rouge_l_f1(mine, theirs) > t
+
+    return accept
+
+
+def embedding_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], tasks: list[Task],
+                              on: str) -> list[Task]:
     from pipeline.models.encoder import Encoder, greedy_cosine
 
     encoder = Encoder(o.encoder, device=o.device, max_length=o.max_length, batch_size=o.batch_size,
                       revision=o.encoder_revision)
     t = threshold(o)
-    pool = encoder.encode([_text(s, o) for s in seeds])
-    cands = encoder.encode([_text(x, o) for x in tasks])
+    pool = encoder.encode([_text(s, on) for s in seeds])
+    cands = encoder.encode([_text(x, on) for x in tasks])
     ids = [s.id for s in seeds] + [x.id for x in tasks]
     out = []
     for task, d in zip(tasks, greedy_cosine(cands, pool, t)):
@@ -183,8 +260,8 @@ def _run(ctx: StageContext) -> None:
     if o.exact_duplicates:
         tasks = drop_exact_duplicates(ctx, tasks)
     if o.mode == "embedding":
-        out = embedding_near_duplicates(ctx, o, seeds, tasks)
+        out = embedding_near_duplicates(ctx, o, seeds, tasks, compared(ctx, o))
     else:
-        out = rouge_near_duplicates(ctx, o, seeds, tasks)
+        out = rouge_near_duplicates(ctx, o, seeds, tasks, compared(ctx, o))
     ctx.write_records(out)
     ctx.stats.metrics.update(pool_seeds=len(seeds), instances_out=sum(len(t.instances) for t in out))

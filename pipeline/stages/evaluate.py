@@ -33,6 +33,8 @@ from pipeline.training.splits import read_dataset, split_by_task
 from pipeline.training.trainer import pick_device
 
 REPORT = "card/evaluation.md.j2"
+# The option fields naming weights (model, GGUF file, revision): a Hub revision is pinned to its commit.
+WEIGHTS = (("base_model", "gguf_file", "revision"),)
 
 
 class Options(BaseModel):
@@ -54,7 +56,7 @@ def dependencies(options: Options) -> list[Path]:
 
 
 def identity(options: Options) -> dict[str, Any]:
-    """The base model's weights, as a content hash (never loads them)."""
+    """The base model's weights: a content hash, or a Hub commit (never loads them)."""
     return {"base_weights": weights_identity(options.base_model, options.gguf_file, options.revision)}
 
 

@@ -71,7 +71,7 @@ def run(ctx: StageContext) -> None:
     write_json(out / "funnel.json", {"funnel": funnel, "instance_drops": instance_notes})
     seeds_in = ctx.find_input("seeds")
     seeds = list(ctx.read_records(seeds_in)) if seeds_in else []
-    rouge = card.rouge_to_seeds(examples, seeds) if seeds else []
+    rouge_label, rouge = card.similarity(ctx.inputs, examples, seeds)
     verbs = card.leading_verbs(examples)
     manifest_path = ctx.run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {}
@@ -84,18 +84,46 @@ def run(ctx: StageContext) -> None:
         final_tasks=len({e.task_id for e in examples}), seed_count=len(seeds), train_rows=len(train),
         validation_rows=len(val), models=models, templates=templates, config_hash=manifest.get("config_hash", "-"),
         format=examples[0].format if examples else "-", funnel=funnel, instance_notes=instance_notes,
-        judges=card.judge_scores(ctx.inputs),
+        judges=card.judge_scores(ctx.inputs), drop_warnings=card.drop_warnings(ctx.inputs),
+        languages=_languages(ctx), rouge_label=rouge_label,
         lengths=card.length_stats(examples), share_input=sum(bool(e.input) for e in examples) / max(1, n),
         share_classification=sum(bool(e.is_classification) for e in examples) / max(1, n), verbs=verbs[:10],
         rouge={"mean": round(sum(rouge) / len(rouge), 3) if rouge else "-", "max": round(max(rouge), 3) if rouge else "-",
                "hist": card.histogram(rouge)},
-        plots=card.plots(out, examples, rouge, verbs))
+        plots=card.plots(out, examples, rouge, verbs, rouge_label))
     (out / "README.md").write_text(text, encoding="utf-8")
     ctx.stats.rows_out = n
     ctx.stats.metrics.update(train_rows=len(train), validation_rows=len(val), final=n)
     if o.push_to_hub:
-        token = os.environ.get("HF_TOKEN")
-        dd.push_to_hub(o.push_to_hub.repo_id, private=o.push_to_hub.private, token=token)
+        push(dd, out, o.push_to_hub, os.environ.get("HF_TOKEN"))
+
+
+def push(dd, out: Path, to: PushToHub, token: str | None) -> None:
+    """Upload the splits, then the card and its plots as the dataset repo's README.md. The card keeps the data
+    files' metadata that ``push_to_hub`` wrote into the repo's own card (``configs``, ``dataset_info``)."""
+    from huggingface_hub import DatasetCard, HfApi
+
+    dd.push_to_hub(to.repo_id, private=to.private, token=token)
+    ours = DatasetCard((out / "README.md").read_text(encoding="utf-8"))
+    theirs = DatasetCard.load(to.repo_id, repo_type="dataset", token=token)
+    for key in ("configs", "dataset_info"):
+        if theirs.data.get(key) is not None:
+            ours.data[key] = theirs.data.get(key)
+    api = HfApi(token=token)
+    api.upload_folder(repo_id=to.repo_id, repo_type="dataset", folder_path=out, allow_patterns=["*.png"],
+                      commit_message="seedtune: dataset card plots")
+    api.upload_file(path_or_fileobj=str(ours).encode("utf-8"), path_in_repo="README.md", repo_id=to.repo_id,
+                    repo_type="dataset", commit_message="seedtune: dataset card")
+
+
+def _languages(ctx: StageContext) -> list[str]:
+    """The data's languages as the filter identified them (English where no filter identified any)."""
+    for inp in reversed(ctx.inputs):
+        if inp.kind == "filter":
+            langs = card.stage_info(inp).get("stats", {}).get("metrics", {}).get("languages")
+            if langs:
+                return langs
+    return ["en"]
 
 
 def _generation_provenance(stages: list[StageInput]) -> tuple[list[dict], list[str]]:

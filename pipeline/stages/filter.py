@@ -6,21 +6,33 @@ dropped as ``no_instances_left``); a task whose instances share an input but dif
 Every drop is a line of ``rejected.jsonl`` with its rule (instance drops hold ``task_id`` and ``instance``);
 ``stats.metrics`` gets ``instances_in`` / ``instances_out``. Runs on any earlier stage's tasks, e.g. an
 Alpaca file loaded by ``seeds`` with no generation stage.
+
+``rules:`` picks the profile (:mod:`pipeline.text.rules`): ``self_instruct`` (the originals' rules, made for a
+model's own generations) or ``general`` (for data written by others); ``auto`` takes ``self_instruct`` after a
+generation stage and ``general`` when cleaning a file. ``instruction_rules:`` / ``instance_rules:`` change
+single rules of the profile. With language identification and no ``languages:``, the set's languages are
+those of at least 10% of its instructions.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.records import Instance, Task
 from pipeline.stages.context import StageContext
-from pipeline.text.rules import (InstanceRules, InstructionRules, RuleHit, check_instance, check_instruction,
-                                 conflicting_inputs, normalize_empty_input)
+from pipeline.text.rules import (InstanceRules, InstructionRules, Profile, RuleHit, check_instance,
+                                 check_instruction, conflicting_inputs, normalize_empty_input, profile,
+                                 with_overrides)
 
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    rules: Literal["auto", "self_instruct", "general"] = "auto"
+    # only the fields set here change the profile's rules
     instruction_rules: InstructionRules = Field(default_factory=InstructionRules)
     instance_rules: InstanceRules = Field(default_factory=InstanceRules)
     drop_conflicting: bool = True  # a task whose instances share an input but differ in output (Self-Instruct)
@@ -32,12 +44,52 @@ def _instance_record(task: Task, inst: Instance, n: int) -> dict:
     return {"task_id": task.id, "instance": n, "instruction": task.instruction, **inst.model_dump()}
 
 
-def filter_task(task: Task, o: Options, reject) -> Task | None:
+@dataclass
+class Rules:
+    """The rules in force: the profile's, with the user's changes, and the set's languages."""
+
+    profile: Profile
+    instruction: InstructionRules
+    instance: InstanceRules
+    drop_conflicting: bool = True
+    drop_duplicate_instances: bool = True
+    max_instances: int | None = 5
+    languages: set[str] | None = None
+
+
+def rules_for(o: Options, generated: bool) -> Rules:
+    name: Profile = o.rules if o.rules != "auto" else ("self_instruct" if generated else "general")
+    ins, inst = profile(name)
+    return Rules(name, with_overrides(ins, o.instruction_rules), with_overrides(inst, o.instance_rules),
+                 o.drop_conflicting, o.drop_duplicate_instances, o.max_instances)
+
+
+LANGUAGE_SAMPLE = 5000
+
+
+def set_languages(tasks: list[Task], rules: Rules) -> None:
+    """The languages records are judged against, where identification is on and none are configured: those
+    of at least 10% of the set's instructions (with their first input), on a sample of 5,000."""
+    inst = rules.instance
+    if not inst.language_check or inst.language_method != "langid":
+        return
+    if inst.languages:
+        rules.languages = set(inst.languages)
+        return
+    from pipeline.text.language import common_languages, identify
+
+    step = max(1, len(tasks) // LANGUAGE_SAMPLE)  # an evenly spaced sample tells a set's languages
+    rules.languages = common_languages(
+        identify(f"{t.instruction}\n{t.instances[0].input if t.instances else ''}")[0] for t in tasks[::step]) or {"en"}
+
+
+def filter_task(task: Task, o: Rules, reject) -> Task | None:
     """The task with its surviving instances, or None; ``reject(record, rule, reason)`` gets every drop.
 
     A task that had no instances to begin with (instructions only) is judged on its instruction alone.
     """
-    hit = check_instruction(task.instruction, o.instruction_rules)
+    first_input = task.instances[0].input if task.instances else ""
+    hit = check_instruction(task.instruction, o.instruction, normalize_empty_input(first_input))
     if hit:
         reject(task, hit.rule, hit.reason)
         return None
@@ -55,7 +107,7 @@ def filter_task(task: Task, o: Options, reject) -> Task | None:
     kept: list[Instance] = []
     seen: set[tuple[str, str]] = set()
     for n, inst in enumerate(instances):
-        hit = check_instance(task.instruction, inst, o.instance_rules, task.is_classification, labels)
+        hit = check_instance(task.instruction, inst, o.instance, task.is_classification, labels, o.languages)
         pair = (inst.input.strip(), inst.output.strip())
         if hit is None and o.drop_duplicate_instances and pair in seen:
             hit = RuleHit("duplicate_instance", "the same input and output appear earlier in the task")
@@ -74,14 +126,19 @@ def filter_task(task: Task, o: Options, reject) -> Task | None:
 
 def run(ctx: StageContext) -> None:
     o: Options = ctx.options
+    rules = rules_for(o, generated=any(inp.kind == "generate" for inp in ctx.inputs))
+    tasks = list(ctx.read_records())
+    set_languages(tasks, rules)
+    ctx.log.info("filter rules: %s profile%s", rules.profile,
+                 f", languages {', '.join(sorted(rules.languages))}" if rules.languages else "")
     out = []
-    n_in = inst_in = 0
-    for task in ctx.read_records():
-        n_in += 1
-        inst_in += len(task.instances)
-        kept = filter_task(task, o, ctx.reject)
+    for task in tasks:
+        kept = filter_task(task, rules, ctx.reject)
         if kept is not None:
             out.append(kept)
-    ctx.stats.rows_in = n_in
+    ctx.stats.rows_in = len(tasks)
     ctx.write_records(out)
-    ctx.stats.metrics.update(instances_in=inst_in, instances_out=sum(len(t.instances) for t in out))
+    ctx.stats.metrics.update(rules=rules.profile, instances_in=sum(len(t.instances) for t in tasks),
+                             instances_out=sum(len(t.instances) for t in out))
+    if rules.languages:
+        ctx.stats.metrics["languages"] = sorted(rules.languages)

@@ -24,12 +24,20 @@ from pipeline.stages.context import StageContext
 Format = Literal["auto", "self_instruct", "alpaca", "natural_instructions", "hf"]
 
 
+# Without ``columns:``, the first of these names a file has is used (and the mapping is logged).
+USUAL_NAMES = {"instruction": ("instruction", "prompt", "question", "query"),
+               "input": ("input", "context"),
+               "output": ("output", "response", "completion", "answer", "target")}
+
+
 class Columns(BaseModel):
+    """Which column holds what; a field left out is recognised by its usual names (``USUAL_NAMES``)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    instruction: str = "instruction"
-    input: str | None = "input"
-    output: str | None = "output"
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
     id: str | None = None
     is_classification: str | None = None
 
@@ -43,7 +51,8 @@ class Options(BaseModel):
     split: str = "train"  # for format: hf
     limit: int | None = None
     max_instances: int | None = None  # per task (Super-NaturalInstructions tasks have thousands)
-    drop_duplicates: bool = True
+    drop_duplicates: bool = True  # the same instruction and input as an earlier record
+    allow_empty_outputs: bool = False  # a file whose every output is empty (a generation stage writes them)
 
 
 def dependencies(options: Options) -> list[Path]:
@@ -102,9 +111,37 @@ def _self_instruct_record(rec: Any, where: str, index: int, source: str) -> Task
                 instances=instances, is_classification=is_cls, source=source)
 
 
+def resolve_columns(path: Path, available: list[str], cols: Columns) -> Columns:
+    """The columns to read: each one configured must be in the file; the others by their usual names."""
+    there = set(available)
+    shown = ", ".join(available) or "none"
+    resolved = {}
+    for field, value in cols.model_dump().items():
+        if value is not None and value not in there:
+            raise UserError(f"{path}: no column '{value}' for the {field.replace('_', ' ')} (columns: {shown}); "
+                            f"set stages.seeds.columns.{field}")
+        if value is None and field in USUAL_NAMES:
+            value = next((name for name in USUAL_NAMES[field] if name in there), None)
+        resolved[field] = value
+    if resolved["instruction"] is None:
+        raise UserError(f"{path}: no instruction column (columns: {shown}; recognised: "
+                        f"{', '.join(USUAL_NAMES['instruction'])}); set stages.seeds.columns.instruction")
+    return Columns(**resolved)
+
+
+def _columns_of(path: Path, records: list[Any], cols: Columns) -> Columns:
+    """The columns of a list of JSON records (every key any record has)."""
+    keys: dict[str, None] = {}
+    for rec in records:
+        if isinstance(rec, dict):
+            keys.update(dict.fromkeys(rec))
+    return resolve_columns(path, list(keys), cols)
+
+
 def _alpaca_record(rec: Any, where: str, index: int, source: str, cols: Columns) -> Task:
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    assert cols.instruction is not None  # resolve_columns makes sure
     instruction = _str_field(rec, cols.instruction, where)
     inp = _str_field(rec, cols.input, where, required=False) if cols.input else ""
     out = _str_field(rec, cols.output, where, required=False) if cols.output else ""
@@ -160,7 +197,7 @@ def _natural_instructions(path: Path, data: dict, options: Options) -> list[Task
                  is_classification=is_cls, source=f"seed:{path}")]
 
 
-def _hf(path: Path, options: Options) -> list[Task]:
+def _hf(path: Path, options: Options) -> tuple[list[Task], Columns]:
     import datasets
 
     suffix = path.suffix.lower()
@@ -184,11 +221,8 @@ def _hf(path: Path, options: Options) -> list[Task]:
         if options.split not in ds:
             raise UserError(f"{path}: no split '{options.split}' (splits: {', '.join(ds)})")
         ds = ds[options.split]
-    if options.columns.instruction not in ds.column_names:
-        raise UserError(f"{path}: no column '{options.columns.instruction}' for the instruction "
-                        f"(columns: {', '.join(ds.column_names)}); set stages.seeds.columns.instruction")
-    return [_alpaca_record(rec, f"{path}: record {i}", i, f"seed:{path}", options.columns)
-            for i, rec in enumerate(ds)]
+    cols = resolve_columns(path, ds.column_names, options.columns)
+    return [_alpaca_record(rec, f"{path}: record {i}", i, f"seed:{path}", cols) for i, rec in enumerate(ds)], cols
 
 
 def detect_format(path: Path, text: str | None) -> str:
@@ -212,6 +246,11 @@ def detect_format(path: Path, text: str | None) -> str:
 
 
 def load_tasks(options: Options) -> list[Task]:
+    return load(options)[0]
+
+
+def load(options: Options) -> tuple[list[Task], Columns | None]:
+    """The file's tasks and the columns read (None for formats without columns)."""
     path = Path(options.path)
     text = None
     if not path.is_dir():
@@ -223,8 +262,9 @@ def load_tasks(options: Options) -> list[Task]:
         raise UserError(f"{path}: seed file not found")
     fmt = options.format if options.format != "auto" else detect_format(path, text)
     source = f"seed:{path}"
+    cols = None
     if fmt == "hf":
-        tasks = _hf(path, options)
+        tasks, cols = _hf(path, options)
     elif fmt == "natural_instructions":
         data = _json(path, text or "")
         if not isinstance(data, dict):
@@ -234,10 +274,12 @@ def load_tasks(options: Options) -> list[Task]:
         data = _json(path, text or "")
         if not isinstance(data, list):
             raise UserError(f"{path}: Alpaca data must be a JSON list of records")
-        tasks = [_alpaca_record(rec, f"{path}: record {i}", i, source, options.columns) for i, rec in enumerate(data)]
+        cols = _columns_of(path, data, options.columns)
+        tasks = [_alpaca_record(rec, f"{path}: record {i}", i, source, cols) for i, rec in enumerate(data)]
     elif fmt == "alpaca":
-        tasks = [_alpaca_record(rec, f"{path}:{n}", i, source, options.columns)
-                 for i, (n, rec) in enumerate(_jsonl(path, text or ""))]
+        lines = list(_jsonl(path, text or ""))
+        cols = _columns_of(path, [rec for _, rec in lines], options.columns)
+        tasks = [_alpaca_record(rec, f"{path}:{n}", i, source, cols) for i, (n, rec) in enumerate(lines)]
     else:
         tasks = [_self_instruct_record(rec, f"{path}:{n}", i, source)
                  for i, (n, rec) in enumerate(_jsonl(path, text or ""))]
@@ -246,7 +288,25 @@ def load_tasks(options: Options) -> list[Task]:
     if options.max_instances:
         for t in tasks:
             t.instances = t.instances[: options.max_instances]
-    return tasks[: options.limit] if options.limit else tasks
+    tasks = tasks[: options.limit] if options.limit else tasks
+    if not options.allow_empty_outputs:
+        _check_outputs(path, tasks, cols)
+    return tasks, cols
+
+
+def _check_outputs(path: Path, tasks: list[Task], cols: Columns | None) -> None:
+    """A file whose records all have instances with empty outputs is read wrong (or is instructions only)."""
+    instances = [i for t in tasks for i in t.instances]
+    if not instances or any(i.output.strip() for i in instances):
+        return
+    if cols is not None and cols.output is None:
+        where = f"no output column (recognised: {', '.join(USUAL_NAMES['output'])})"
+    elif cols is not None:
+        where = f"column '{cols.output}' is empty in every record"
+    else:
+        where = "every instance's output is empty"
+    raise UserError(f"{path}: {where}; set stages.seeds.columns.output to the answers' column, or "
+                    f"stages.seeds.allow_empty_outputs: true when a generation stage writes the outputs")
 
 
 def _norm(text: str) -> str:
@@ -255,7 +315,11 @@ def _norm(text: str) -> str:
 
 def run(ctx: StageContext) -> None:
     options: Options = ctx.options
-    tasks = load_tasks(options)
+    tasks, cols = load(options)
+    if cols is not None:
+        ctx.log.info("%s: columns read: %s", options.path, ", ".join(f"{k}={v!r}" for k, v in cols.model_dump().items()
+                                                             if v is not None))
+        ctx.stats.metrics["columns"] = {k: v for k, v in cols.model_dump().items() if v is not None}
     ctx.stats.rows_in = len(tasks)
     kept: list[Task] = []
     seen: dict[str, str] = {}
@@ -264,17 +328,19 @@ def run(ctx: StageContext) -> None:
         if not t.instruction.strip():
             ctx.reject(t, "empty_instruction", "the instruction is empty")
             continue
-        key = _norm(t.instruction)
+        # Records that share an instruction and differ in input are different tasks (Alpaca's "Classify the
+        # sentiment of the review" with two reviews): a duplicate repeats both.
+        key = _norm("\n".join([t.instruction] + [i.input for i in t.instances]))
         if key in seen:
             duplicates += 1
             if options.drop_duplicates:
-                ctx.reject(t, "duplicate_instruction", f"same instruction as {seen[key]}")
+                ctx.reject(t, "duplicate_record", f"same instruction and input as {seen[key]}")
                 continue
         seen.setdefault(key, t.id)
         kept.append(t)
     if duplicates:
-        ctx.log.warning("%d seed tasks repeat an earlier instruction: %s", duplicates,
-                        "dropped (each, with the task it repeats, in rejected.jsonl)" if options.drop_duplicates
+        ctx.log.warning("%d seed records repeat an earlier one's instruction and input: %s", duplicates,
+                        "dropped (each, with the record it repeats, in rejected.jsonl)" if options.drop_duplicates
                         else "kept (drop_duplicates: false)")
     ctx.write_records(kept)
     ctx.stats.metrics.update({

@@ -38,6 +38,8 @@ from pipeline.training.splits import read_dataset, split_by_task
 from pipeline.training.trainer import TrainOptions, finalize, pick_device, train
 
 CARD = "card/model_card.md.j2"
+# The option fields naming weights (model, GGUF file, revision): a Hub revision is pinned to its commit.
+WEIGHTS = (("base_model", "gguf_file", "revision"),)
 
 
 class Replay(BaseModel):
@@ -89,7 +91,7 @@ def dependencies(options: Options) -> list[Path]:
 
 
 def identity(options: Options) -> dict[str, Any]:
-    """The base model's weights, as a content hash (never loads them)."""
+    """The base model's weights: a content hash, or a Hub commit (never loads them)."""
     return {"base_weights": weights_identity(options.base_model, options.gguf_file, options.revision)}
 
 

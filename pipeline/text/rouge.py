@@ -13,16 +13,17 @@ scoring only the pairs whose token overlap could exceed the threshold (see the c
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Indel, LCSseq
 
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
 SMALL = 48  # probed postings up to this total size are counted in plain Python
 FEW = 6  # up to this many items are scored one by one (cheaper than a batched call)
 SLACK = 1e-6  # every bound is loosened by this much, far above floating-point error
@@ -36,16 +37,51 @@ _MAX_CODE = 0x10FFFF
 _ASCII_TOKENS = bytes(c + 32 if 65 <= c <= 90 else c if 48 <= c <= 57 or 97 <= c <= 122 else 32 for c in range(256))
 
 
+def _ranges(codepoints: list[int]) -> str:
+    """A regular-expression class body for the code points, as ranges."""
+    out, start, prev = [], None, None
+    for c in codepoints:
+        if start is None:
+            start = prev = c
+        elif c == prev + 1:
+            prev = c
+        else:
+            out.append((start, prev))
+            start = prev = c
+    if start is not None:
+        out.append((start, prev))
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in out)
+
+
+# Scripts written without spaces between words: each character is a token (character-level ROUGE-L, the
+# usual practice for Chinese and Japanese): CJK radicals to Yi, compatibility ideographs, halfwidth kana, CJK
+# extension B and later (not the CJK punctuation), Thai, Lao, Myanmar and Khmer.
+_PER_CHARACTER = ("\u2e80-\u2fdf\u3005-\u3007\u3021-\u3029\u3031-\u3035\u3038-\u303c\u3040-\ua4cf"
+                  "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff")
+
+
+@functools.cache
+def _unicode_token_re() -> re.Pattern:
+    """Words of letters, digits and combining marks in any script (marks belong to their word: Devanagari's
+    vowel signs are not word characters to ``re``), or one character of a script without spaces."""
+    import unicodedata
+
+    marks = _ranges([c for c in range(0x300, 0x10000) if unicodedata.category(chr(c)).startswith("M")])
+    return re.compile(f"[{_PER_CHARACTER}]|(?:[^\\W_{_PER_CHARACTER}]|[{marks}])+")
+
+
 def tokenize(text: str) -> list[str]:
-    """rouge_score's default tokenizer without stemming.
+    """rouge_score's default tokenizer without stemming, extended to every script.
 
     rouge_score lowercases, replaces runs of characters outside [a-z0-9] by a space, splits on whitespace and
     keeps the tokens matching ``^[a-z0-9]+$``; after the substitution only [a-z0-9] and spaces remain, so a
-    plain ``split()`` yields exactly those tokens.
+    plain ``split()`` yields exactly those tokens. For ASCII text these are the tokens. rouge_score drops every
+    other letter, so Chinese or Russian text would have no tokens and score 0 against anything; here a word in
+    any script is a token (lowercased), and each character of a script written without spaces is one.
     """
     if text.isascii():
         return text.encode().translate(_ASCII_TOKENS).decode().split()
-    return _NON_ALNUM.sub(" ", text.lower()).split()
+    return _unicode_token_re().findall(text.lower())  # the pattern is built on the first non-ASCII text
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
@@ -167,9 +203,9 @@ class NearDuplicateIndex:
         return code, occ
 
     # ---- adding -------------------------------------------------------------------------------------
-    def add(self, text: str, key: str) -> None:
-        """Add unconditionally (e.g. a seed)."""
-        self._add_tokens(tokenize(text), key)
+    def add(self, text: str, key: str, tokens: list[str] | None = None) -> None:
+        """Add unconditionally (e.g. a seed); ``tokens``: what to compare, where not the whole text."""
+        self._add_tokens(tokenize(text) if tokens is None else tokens, key)
 
     def _add_tokens(self, tokens: list[str], key: str) -> None:
         self._add_encoded(len(tokens), self._encode(tokens, assign=True), key)
@@ -240,11 +276,20 @@ class NearDuplicateIndex:
         if la == 0 or not self._keys:
             return 0.0, None
         code, occ = encoded or self._encode(tokens, assign=False)
+        ids = self._candidate_ids(la, occ)
+        if not ids:
+            return 0.0, None
+        best, i = self._score_ids(code, la, ids, self.threshold - SLACK)
+        return best, (self._keys[i] if i >= 0 else None)
+
+    def _candidate_ids(self, la: int, occ: list[object]) -> list[int]:
+        """Ascending ids of the kept items that can exceed the threshold with a candidate of ``la`` tokens
+        whose occurrence keys are ``occ`` (a superset of those that do)."""
         k = self._min_overlap(la)
         postings = self._postings
         lists = [p for p in map(postings.get, occ) if p is not None]
         if len(lists) < k:  # fewer shared occurrences than the least overlap: nothing can exceed
-            return 0.0, None
+            return []
         probe = la - k + 1
         lists.sort(key=len)
         # Reading ``extra`` more lists than the prefix needs, an item that can exceed the threshold appears in
@@ -267,10 +312,24 @@ class NearDuplicateIndex:
                 lb = np.frombuffer(self._lens, dtype=np.int32)[ids_arr]
                 ids_arr = ids_arr[counts_arr[ids_arr] >= least[np.minimum(lb, len(least) - 1)]]
             ids = ids_arr.tolist()
-        if not ids:
+        return ids
+
+    def _best_accepted(self, tokens: list[str], encoded: tuple[Code, list[object]],
+                       accept: Callable[[str], bool]) -> tuple[float, str | None]:
+        """The best item above the threshold that ``accept`` takes (ties: the earliest), else (0.0, None)."""
+        la = len(tokens)
+        if la == 0 or not self._keys:
             return 0.0, None
-        best, i = self._score_ids(code, la, ids, self.threshold - SLACK)
-        return best, (self._keys[i] if i >= 0 else None)
+        code, occ = encoded
+        scored = []
+        for i in self._candidate_ids(la, occ):
+            f = f1_from_lcs(int(LCSseq.similarity(code, self._codes[i])), la, self._lens[i])
+            if f > self.threshold:
+                scored.append((-f, i))
+        for f, i in sorted(scored):
+            if accept(self._keys[i]):
+                return -f, self._keys[i]
+        return 0.0, None
 
     def _best(self, tokens: list[str], encoded: tuple[Code, list[object]] | None = None) -> tuple[float, str | None]:
         """The exact best score against the whole pool and the first item reaching it."""
@@ -311,15 +370,22 @@ class NearDuplicateIndex:
         score, nearest = self._best_above_threshold(tokenize(text))
         return Decision(score <= self.threshold, score, nearest)
 
-    def check_and_add(self, text: str, key: str, exact_nearest: bool = False) -> Decision:
+    def check_and_add(self, text: str, key: str, exact_nearest: bool = False,
+                      accept: Callable[[str], bool] | None = None, tokens: list[str] | None = None) -> Decision:
         """The originals' greedy decision: reject when the best F1 exceeds the threshold, else add.
 
         ``score``/``nearest`` are exact for every rejection; for a kept record they are the best among the
         items that could have come close (0.0/None when none could), unless ``exact_nearest`` asks for a
-        search of the whole pool (slower: it reads every shared token's list)."""
-        tokens = tokenize(text)
+        search of the whole pool (slower: it reads every shared token's list). ``accept(key)``: whether a
+        kept item that close makes the candidate a duplicate (an Evol rewrite is no duplicate of its parent;
+        an input that differs makes another task); the best accepted one decides. ``tokens``: the text's
+        tokens where the caller compares something other than the whole text."""
+        tokens = tokenize(text) if tokens is None else tokens
         encoded = self._encode(tokens, assign=True)  # once, for the search and for adding
-        score, nearest = self._best_above_threshold(tokens, encoded)
+        if accept is None:
+            score, nearest = self._best_above_threshold(tokens, encoded)
+        else:
+            score, nearest = self._best_accepted(tokens, encoded, accept)
         if score > self.threshold:
             return Decision(False, score, nearest)
         if exact_nearest:

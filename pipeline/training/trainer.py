@@ -38,7 +38,7 @@ class TrainOptions(BaseModel):
     learning_rate: float = 2e-5
     per_device_batch_size: int = 4
     gradient_accumulation: int = 1
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)  # a share of the Trainer's total steps, all ranks counted
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -93,22 +93,25 @@ def apply_lora(model: Any, lora: LoraOptions, gradient_checkpointing: bool) -> A
     return get_peft_model(model, cfg)
 
 
-def training_arguments(o: TrainOptions, output_dir: Path, seed: int, num_rows: int):
+def training_arguments(o: TrainOptions, output_dir: Path, seed: int):
+    """The Trainer's arguments. The schedule is the Trainer's own: total steps and epochs come from its
+    dataloader (sharded over the ranks under torchrun/accelerate), and the warm-up is a ratio of that total, so
+    it is the same share of training on one process or eight."""
     import torch
     from transformers import TrainingArguments
 
-    steps_per_epoch = max(1, num_rows // max(1, o.per_device_batch_size * o.gradient_accumulation))
-    total = o.max_steps if o.max_steps > 0 else int(steps_per_epoch * o.epochs)
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    # transformers 5 takes a ratio as a float warmup_steps below 1; 4.x has warmup_ratio
+    warmup = {"warmup_ratio": o.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": o.warmup_ratio}
     args = dict(
         output_dir=str(output_dir), num_train_epochs=o.epochs, max_steps=o.max_steps,
         learning_rate=o.learning_rate, per_device_train_batch_size=o.per_device_batch_size,
-        gradient_accumulation_steps=o.gradient_accumulation, warmup_steps=int(round(o.warmup_ratio * total)),
+        gradient_accumulation_steps=o.gradient_accumulation, **warmup,
         lr_scheduler_type=o.lr_scheduler, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
         logging_steps=o.logging_steps, save_steps=o.save_steps, save_total_limit=2, report_to="none", seed=seed,
         data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
         disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(), **precision_flags(o.precision),
     )
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
     if "train_sampling_strategy" in names:  # transformers 5; 4.x has group_by_length
         args["train_sampling_strategy"] = "group_by_length" if o.group_by_length else "random"
     else:
@@ -144,7 +147,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, collator: Any, o: TrainOptio
         model = apply_lora(model, o.lora, o.gradient_checkpointing)
     elif o.gradient_checkpointing:
         model.config.use_cache = False
-    args = training_arguments(o, output_dir, seed, len(dataset))
+    args = training_arguments(o, output_dir, seed)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # library code does not print; losses go to the log and the card
