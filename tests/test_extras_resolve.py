@@ -23,6 +23,7 @@ def _index_reachable() -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_vllm_extra_resolves(tmp_path):
     if not _index_reachable():
         pytest.skip("pip cannot reach a package index that has vllm")
