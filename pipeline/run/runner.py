@@ -293,7 +293,7 @@ class Runner:
         scratch.mkdir(parents=True, exist_ok=True)
         marker.write_text(fp)
 
-        stats = StageStats()
+        stats = StageStats(judges_rows=spec.kind in DATA_KINDS)
         clients: dict[str, JournaledClient] = {}
 
         def get_model(name: str) -> JournaledClient:

@@ -84,11 +84,14 @@ class StageStats:
     failure_kinds: Counter = field(default_factory=Counter)
     failure_samples: list = field(default_factory=list)  # the first few, with their reasons
     rejection_samples: dict = field(default_factory=dict)  # rule -> the first two drops {record, reason}
+    # a stage that keeps or drops the records it reads (seeds, filter, dedup, judge, decontaminate); a generation
+    # stage reads seeds and writes new records, so its rows in and out are no drop
+    judges_rows: bool = False
 
     def drop_warning(self) -> dict[str, Any] | None:
         """Where the stage dropped more than half its rows: the share, the rule that dropped most and two of its
         drops (record, reason)."""
-        if not self.rows_in or self.rows_out * 2 >= self.rows_in or not self.rejected:
+        if not self.judges_rows or not self.rows_in or self.rows_out * 2 >= self.rows_in or not self.rejected:
             return None
         rule, n = top_rules(self.rejected)[0]
         return {"dropped_share": round(1 - self.rows_out / self.rows_in, 4), "top_rule": rule, "top_rule_count": n,
