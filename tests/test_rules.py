@@ -126,3 +126,24 @@ def test_conflicting_inputs():
     assert conflicting_inputs(same) is None
     other = Task(id="t", instruction="x", instances=[Instance(input="a", output="1"), Instance(input="b", output="2")])
     assert conflicting_inputs(other) is None
+
+
+@pytest.mark.parametrize("text,code", [
+    ("Write a Python function that reads a file and counts its lines.", True),
+    ("Write a Node.js server that answers every request with its path.", True),
+    ("How would you implement a JavaScript function that reverses a string?", True),
+    ("Explain what this SQL query does.", True),
+    ("Find the bug in the following code.", True),
+    ("Plot the graph of y = x^2 using matplotlib.", True),
+    ("Create a bar chart of the monthly sales in Python.", True),
+    ("Watch the video about Django and summarize it.", False),
+    ("Draw a picture of a programming robot for my classroom.", False),
+    ("Summarize the article about the Rust belt at this link.", False),
+    ("List the steps for planning a React meetup.", False),
+])
+def test_a_code_task_asks_for_or_holds_code_a_mentioned_word_is_not_enough(text, code):
+    from pipeline.text import defects
+
+    assert defects.is_code_task(text) is code
+    # the quick word lookup in front of the full pattern never changes its answer
+    assert defects._code(text) is (defects._CODE.search(text) is not None)

@@ -102,7 +102,15 @@ _CODE = re.compile(
     r"|[{};]\s*$|\bdef\s+\w+\(|=>|#include|\bconsole\.log|\bprint\(|"
     r"</?(?:div|span|p|html|body|head|script|style|a|img|ul|ol|li|table|tr|td|h[1-6]|form|input|button)\b|```",
     re.I | re.M)
-_MAYBE_CODE = re.compile(r"\b(?:" + _NOUN + "|" + _LANG + r")(?![\w+#])", re.I)
+# The first word of every program noun and language, for a set lookup that rules most prose out at once.
+def _first_word(alternative: str) -> str:
+    """``node\\.?js`` -> ``nodejs``, ``unit tests?`` -> ``unit``: the pattern's shortest spelling, first word."""
+    plain = re.sub(r"\(\?:[^)]*\)\?|\\?.\?|\[sz\]", "", alternative)  # optional parts out
+    return re.sub(r"\\(.)", r"\1", plain).split()[0]
+
+
+_CODE_WORDS = frozenset(_first_word(alt) for alt in (_NOUN + "|" + _LANG).split("|"))
+_WORDS = re.compile(r"[a-z0-9][a-z0-9+#.']*")
 _CODE_SYNTAX = re.compile(r"[{};]\s*$|\bdef\s|=>|#include|console\.|print\(|<|```", re.M)
 
 _ACTION = re.compile(
@@ -123,8 +131,10 @@ def is_code_task(instruction: str, inp: str = "") -> bool:
 
 def _code(text: str) -> bool:
     # most prose names no program and no language: one cheap pass rules it out before the full pattern
-    return (_MAYBE_CODE.search(text) is not None or _CODE_SYNTAX.search(text) is not None) \
-        and _CODE.search(text) is not None
+    if _CODE_SYNTAX.search(text) is None and _CODE_WORDS.isdisjoint(
+            w.rstrip(".'").replace(".", "") for w in _WORDS.findall(text.lower())):
+        return False
+    return _CODE.search(text) is not None
 
 
 def _first(*patterns: re.Pattern, text: str) -> str | None:
