@@ -1,5 +1,7 @@
 """The transformers backend with a tiny model built offline (tests/tinymodel.py)."""
 
+import os
+
 import pytest
 import torch
 
@@ -168,3 +170,63 @@ def test_embedded_smollm2_gguf_generates():
     res, _ = run(b, reqs)
     assert all(isinstance(r, Completion) and r.texts[0].strip() for r in res)
     assert "Paris" in res[1].texts[0]
+
+
+def test_a_stage_with_a_request_over_the_context_completes_and_is_cached(tmp_path):
+    """Through the CLI, on a tiny local model (context 512): two of twelve seed tasks are far longer than the
+    context, so the bootstrap prompts that show one of them cannot fit. Those requests fail permanently, each naming both
+    numbers, the others are answered, and the next run finds the stage cached."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tinymodel import save_tiny_causal
+
+    root = Path(__file__).resolve().parent.parent
+    model = save_tiny_causal(tmp_path / "tiny")
+    words = "river planet budget violin harbor recipe garden ladder census poetry saddle tunnel".split()
+    seeds = tmp_path / "seeds.jsonl"
+    with seeds.open("w") as f:
+        for i in range(12):
+            text = " ".join(words[(i + k) % len(words)] for k in range(700 if i in (0, 1) else 6))
+            f.write(json.dumps({"id": f"s{i}", "instruction": f"Describe the {text}.",
+                                "instances": [{"input": "", "output": "A short answer."}],
+                                "is_classification": False}) + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""name: ctx
+run_dir: {tmp_path / 'run'}
+seed: 3
+models:
+  m: {{backend: transformers, model: {model}, batch_size: 4}}
+stages:
+  seeds: {{path: {seeds}}}
+  generate:
+    model: m
+    target: 100
+    max_requests: 8
+    batch_size: 8
+    num_prompt_instructions: 2
+    num_machine_examples: 0
+    classify: false
+    instances_style: answer
+    bootstrap_params: {{temperature: 1.0, max_tokens: 12}}
+    instances_params: {{temperature: 1.0, max_tokens: 8}}
+""")
+
+    def run():
+        return subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg), "--no-progress"], cwd=root,
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    first = run()
+    assert first.returncode == 4, first.stderr[-2000:]  # completed, with failed requests
+    stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["generate"]
+    assert stage["state"] == "complete" and stage["failures"] == stage["failures_permanent"] > 0
+    assert stage["failure_kinds"] == {"context_length": stage["failures"]} and stage["answers"] > 0
+    sample = stage["failure_samples"][0]["error"]
+    assert "exceed the model's context of 512 tokens" in sample and "+ max_tokens 12 =" in sample
+    second = run()  # cached: nothing is sent again, and the permanent failures are named, not retried
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "= generate: cached" in second.stderr and "requests failed permanently in earlier runs" in second.stderr
+    stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["generate"]
+    assert stage["state"] == "cached"
