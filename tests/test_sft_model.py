@@ -160,3 +160,60 @@ def test_saved_not_trained_reloads_in_a_fresh_process_with_the_same_logits(tok, 
     assert isinstance(cfg["eos_token_id"], list) and tok.eos_token_id in cfg["eos_token_id"]
     assert AutoTokenizer.from_pretrained(out).padding_side == "left"
     assert tok.padding_side == "right"
+
+
+def test_lora_has_its_own_learning_rate_and_a_bf16_base():
+    from pipeline.training.trainer import base_dtype, learning_rate, training_arguments
+
+    lora = LoraOptions()
+    assert learning_rate(TrainOptions()) == 2e-5 and learning_rate(TrainOptions(lora=lora)) == 2e-4
+    assert learning_rate(TrainOptions(lora=lora, learning_rate=1e-4)) == 1e-4  # a rate given is kept
+    assert training_arguments(TrainOptions(lora=lora), __import__("pathlib").Path("/tmp/unused"), 0).learning_rate == 2e-4
+    assert base_dtype(TrainOptions(lora=lora), "cpu") == "bfloat16"
+    assert base_dtype(TrainOptions(), "cpu") == "float32"  # full fine-tuning keeps fp32 master weights
+
+
+ADAPTER_RELOAD = """
+import json, sys, torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM
+ids = torch.tensor([json.loads(sys.argv[2])])
+out = []
+for cls in (AutoPeftModelForCausalLM, AutoModelForCausalLM):  # peft's loader, and transformers' own adapter support
+    m = cls.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        out.append(m(input_ids=ids).logits[0].float().tolist())
+print(json.dumps(out))
+"""
+
+
+def test_a_lora_adapter_on_a_bf16_base_saves_alone_and_reloads_with_peft_and_transformers(tmp_path):
+    """merge_on_save: false keeps the adapter alone (a few MB); both loaders give the tuned model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tinymodel import save_tiny_causal
+
+    base = save_tiny_causal(tmp_path / "base", seed=2)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    o = options(max_steps=4, lora=LoraOptions(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                              merge_on_save=False))
+    tuned, _ = train(model, tok, dataset(rows(tok)), Collator(tok.pad_token_id), o, tmp_path / "ckpt", 0)
+    adapter = finalize(tuned, o).to("cpu").eval()
+    assert {p.dtype for n, p in adapter.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in adapter.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    ids = rows(tok)[0]["input_ids"]
+    with torch.no_grad():
+        expected = adapter(input_ids=torch.tensor([ids])).logits[0].float()
+    out = tmp_path / "model"
+    out.mkdir()
+    save_model(out, adapter, tok, "alpaca")
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    proc = subprocess.run([sys.executable, "-c", ADAPTER_RELOAD, str(out), json.dumps(ids)], capture_output=True,
+                          text=True, timeout=180, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for logits in json.loads(proc.stdout):
+        assert torch.allclose(torch.tensor(logits), expected, atol=0.05, rtol=0)
+    untuned = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert (untuned(input_ids=torch.tensor([ids])).logits[0].float() - expected).abs().max() > 1e-3

@@ -35,7 +35,7 @@ from pipeline.training.modelcard import display_name, hub_id
 from pipeline.training.report import TABLE, render_results_table
 from pipeline.training.saving import save_model, set_templates, template_files
 from pipeline.training.splits import read_dataset, split_by_task
-from pipeline.training.trainer import TrainOptions, finalize, pick_device, train
+from pipeline.training.trainer import TrainOptions, base_dtype, finalize, learning_rate, pick_device, train
 
 CARD = "card/model_card.md.j2"
 # The option fields naming weights (model, GGUF file, revision): a Hub revision is pinned to its commit.
@@ -162,7 +162,8 @@ def run(ctx: StageContext) -> None:
     if o.objective == "instruct" and not train_ex:
         raise UserError(f"stage '{ctx.name}': no training examples (is there a template stage before it?)")
     model, tok = load_model_and_tokenizer(o.base_model, gguf_file=o.gguf_file, revision=o.revision,
-                                          dtype="float32", trust_remote_code=o.trust_remote_code)
+                                          dtype=base_dtype(o.train, pick_device("auto")),
+                                          trust_remote_code=o.trust_remote_code)
     s2s = bool(getattr(model.config, "is_encoder_decoder", False))
     fmt = train_ex[0].format if train_ex else "text"
     set_templates(tok, fmt, o.chat_template, any(is_chat(e) for e in train_ex))
@@ -199,7 +200,7 @@ def run(ctx: StageContext) -> None:
                   truncated=report["truncated"], lost=report["lost_response_tokens"],
                   replay_rows=report["replay_rows"], trained_tokens=report["trained_tokens"],
                   steps=info["global_step"], train_loss=round(info["train_loss"], 4), o=o,
-                  loss_curve=info["loss_curve"])
+                  loss_curve=info["loss_curve"], lr=learning_rate(o.train))
     (ctx.out_dir / "README.md").write_text(card, encoding="utf-8")
     ctx.stats.rows_out = len(data.rows)
     ctx.stats.metrics.update(

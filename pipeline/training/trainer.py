@@ -35,7 +35,9 @@ class TrainOptions(BaseModel):
 
     epochs: float = 3.0
     max_steps: int = -1
-    learning_rate: float = 2e-5
+    # None: 2e-5 for full fine-tuning, 2e-4 with LoRA (its adapters start at zero and need a larger step; PEFT's and
+    # TRL's examples use 1e-4 to 2e-4)
+    learning_rate: float | None = None
     per_device_batch_size: int = 4
     gradient_accumulation: int = 1
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)  # a share of the Trainer's total steps, all ranks counted
@@ -49,6 +51,29 @@ class TrainOptions(BaseModel):
     logging_steps: int = 5
     lora: LoraOptions | None = None
     extra_args: dict[str, Any] = Field(default_factory=dict)  # any other TrainingArguments field
+
+
+FULL_LEARNING_RATE = 2e-5
+LORA_LEARNING_RATE = 2e-4
+
+
+def learning_rate(o: TrainOptions) -> float:
+    """The learning rate given, else the default for full fine-tuning or for LoRA."""
+    if o.learning_rate is not None:
+        return o.learning_rate
+    return LORA_LEARNING_RATE if o.lora is not None else FULL_LEARNING_RATE
+
+
+def base_dtype(o: TrainOptions, device: str) -> str:
+    """The dtype to load the base model in: bf16 under LoRA (the frozen base needs no fp32 master weights; the
+    adapters are kept in fp32 by PEFT) where the device computes in bf16, fp32 otherwise."""
+    import torch
+
+    if o.lora is None:
+        return "float32"
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device == "cpu" else "float32"
 
 
 def pick_device(name: str = "auto") -> str:
@@ -105,7 +130,7 @@ def training_arguments(o: TrainOptions, output_dir: Path, seed: int):
     warmup = {"warmup_ratio": o.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": o.warmup_ratio}
     args = dict(
         output_dir=str(output_dir), num_train_epochs=o.epochs, max_steps=o.max_steps,
-        learning_rate=o.learning_rate, per_device_train_batch_size=o.per_device_batch_size,
+        learning_rate=learning_rate(o), per_device_train_batch_size=o.per_device_batch_size,
         gradient_accumulation_steps=o.gradient_accumulation, **warmup,
         lr_scheduler_type=o.lr_scheduler, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
         logging_steps=o.logging_steps, save_steps=o.save_steps, save_total_limit=2, report_to="none", seed=seed,
