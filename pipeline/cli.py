@@ -102,7 +102,9 @@ def _details(run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
         ev = m.get("evaluation")
         if isinstance(ev, dict) and ev.get("before") and ev.get("after"):
             b, a = ev["before"], ev["after"]
-            keys = [k for k in ("validation_loss", "rouge_l", "stop_rate", "general_ppl") if k in b and k in a]
+            keys = [k for k in ("validation_loss", "rouge_l", "stop_rate", "general_ppl", "ifeval_prompt_strict",
+                                "ifeval_prompt_loose", "ifeval_instruction_strict", "ifeval_instruction_loose")
+                    if k in b and k in a]
             change = ev.get("change") or {}
 
             def verdict(k: str) -> str:

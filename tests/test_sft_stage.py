@@ -308,3 +308,22 @@ def test_mamba_stage_trains_and_evaluates(tmp_path):
     assert isinstance(AutoModelForCausalLM.from_pretrained(ctx.out_dir), MambaForCausalLM)
     with pytest.raises(UserError, match="packing"):  # a recurrent model cannot isolate packed examples
         run_stage(context(tmp_path, opts(base, max_steps=1, packing=True), scratch=tmp_path / "s2"))
+
+
+def test_stage_reports_ifeval_before_and_after_in_the_card(tmp_path):
+    pytest.importorskip("if_verifiable")
+    from test_ifeval import write
+
+    from pipeline.training.evaluation import EvalOptions
+
+    base = save_tiny_causal(tmp_path / "base")
+    ev = EvalOptions(max_examples=2, max_new_tokens=4, max_general_tokens=128, block_size=64,
+                     ifeval=str(write(tmp_path / "ifeval.jsonl")), ifeval_max_new_tokens=6)
+    ctx = context(tmp_path, opts(base, evaluation=ev, holdout=0.2, max_steps=2))
+    m = run_stage(ctx)
+    change = m["evaluation"]["change"]
+    assert {"ifeval_prompt_strict", "ifeval_instruction_loose"} <= set(change)
+    assert change["ifeval_prompt_strict"]["n"] == 4 and m["evaluation"]["after"]["ifeval_prompts"] == 4
+    assert "samples" not in m["evaluation"]["after"] and "ifeval_samples" not in m["evaluation"]["after"]
+    card = (ctx.out_dir / "README.md").read_text()
+    assert "| IFEval prompt-level accuracy, loose |" in card and "IFEval: 4 prompts, greedy" in card

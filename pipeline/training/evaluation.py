@@ -7,7 +7,9 @@
   split when there is none), scored with ROUGE-L F1 against the references (Self-Instruct's metric), and
   the **stop rate**: the share of answers that end with an end id before ``max_new_tokens``;
 * **forgetting** — perplexity on a general-text sample (``data/general_text.txt`` or a user file): plain
-  fine-tuning and instruct tuning can make a model lose what it knew, and a rise measures how much.
+  fine-tuning and instruct tuning can make a model lose what it knew, and a rise measures how much;
+* **IFEval** (``ifeval:``, :mod:`pipeline.training.ifeval`) — prompt- and instruction-level accuracy, strict
+  and loose, on prompts whose constraints a program checks.
 
 A handful of held-out answers can move a metric by chance, so every change comes with ``n`` and a paired
 bootstrap 95% interval (the same examples or text windows resampled for both models); a change whose
@@ -26,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.errors import UserError
 from pipeline.paths import DATA_DIR
 from pipeline.records import Task, TrainingExample
-from pipeline.training import metrics
+from pipeline.training import ifeval, metrics
 from pipeline.training.data import response_text
 from pipeline.training.formats import render_instance
 
@@ -36,8 +38,9 @@ DEFAULT_GENERAL_TEXT = DATA_DIR / "general_text.txt"
 DEFAULT_HELDOUT = DATA_DIR / "eval_instructions.jsonl"
 RESAMPLES = 2000
 # metric -> how its units combine: "mean" of per-example values, "ratio" of summed NLL to tokens, "ppl" exp(ratio)
-METRICS = {"validation_loss": "ratio", "rouge_l": "mean", "stop_rate": "mean", "general_ppl": "ppl"}
-NOT_SUMMARY = ("samples", "units")
+METRICS = {"validation_loss": "ratio", "rouge_l": "mean", "stop_rate": "mean", "general_ppl": "ppl",
+           **ifeval.METRICS}
+NOT_SUMMARY = ("samples", "units", "ifeval_samples")
 
 
 class EvalOptions(BaseModel):
@@ -54,6 +57,9 @@ class EvalOptions(BaseModel):
     stride: int = 256  # perplexity window step (< block_size: every token scored once, with overlap as context)
     heldout: str | None = None  # default: data/eval_instructions.jsonl, else the validation split
     heldout_format: Literal["auto", "alpaca", "chat"] = "auto"  # auto: the validation examples' format
+    ifeval: str | None = None  # IFEval prompts (input_data.jsonl's layout); None: no IFEval
+    ifeval_max_prompts: int | None = None  # a seeded subset (CPU runs); None: every prompt
+    ifeval_max_new_tokens: int = 512
     seed: int = 0
 
 
@@ -82,7 +88,7 @@ def heldout_path(o: EvalOptions) -> Path | None:
 def dependencies(o: EvalOptions) -> list[Path]:
     """The evaluation files whose content enters a stage's fingerprint."""
     held = heldout_path(o)
-    return [general_text_path(o)] + ([held] if held else [])
+    return [general_text_path(o)] + ([held] if held else []) + ([Path(o.ifeval)] if o.ifeval else [])
 
 
 def read_general_text(o: EvalOptions) -> str:
@@ -145,6 +151,13 @@ def evaluate_model(model: Any, tokenizer: Any, examples: list[TrainingExample], 
         "units": {"validation_loss": v_units, "rouge_l": scores, "stop_rate": [float(s) for _, s in answers],
                   "general_ppl": g_units},
     }
+    if o.ifeval:
+        prompts = ifeval.load_prompts(o.ifeval, None, o.seed)
+        chosen = ifeval.load_prompts(o.ifeval, o.ifeval_max_prompts, o.seed)
+        ife = ifeval.evaluate(model, tokenizer, chosen, o.ifeval_max_new_tokens, o.batch_size, len(prompts))
+        result["units"].update(ife.pop("units"))
+        result["ifeval_samples"] = ife.pop("samples")
+        result.update(ife)
     log.info("%s: validation loss %s, ROUGE-L %s, stop rate %s, general-text perplexity %s", label,
              result["validation_loss"], result["rouge_l"], result["stop_rate"], result["general_ppl"])
     return result
@@ -188,4 +201,5 @@ def metric_change(kind: str, before: Any, after: Any, seed: int, resamples: int 
 def compare(before: dict[str, Any], after: dict[str, Any], seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per metric: {n, delta, low, high, measurable}; measurable is False where the interval includes 0."""
     ub, ua = before.get("units") or {}, after.get("units") or {}
-    return {m: metric_change(kind, ub.get(m, []), ua.get(m, []), seed) for m, kind in METRICS.items()}
+    return {m: metric_change(kind, ub.get(m, []), ua.get(m, []), seed) for m, kind in METRICS.items()
+            if m in ub or m in ua}  # IFEval only where it was asked for

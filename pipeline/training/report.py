@@ -13,6 +13,10 @@ ROWS = [  # metric, what it is, how to read it (the template words each kind of 
     ("rouge_l", "ROUGE-L F1 on held-out instructions", "higher"),
     ("stop_rate", "generations that stop by themselves", "higher"),
     ("general_ppl", "perplexity on general text (forgetting)", "forgetting"),
+    ("ifeval_prompt_strict", "IFEval prompt-level accuracy, strict", "higher"),
+    ("ifeval_prompt_loose", "IFEval prompt-level accuracy, loose", "higher"),
+    ("ifeval_instruction_strict", "IFEval instruction-level accuracy, strict", "higher"),
+    ("ifeval_instruction_loose", "IFEval instruction-level accuracy, loose", "higher"),
 ]
 
 
@@ -63,6 +67,8 @@ def render_results_table(before: dict[str, Any], after: dict[str, Any],
     change = change or {}
     rows = []
     for key, name, reading in ROWS:
+        if key.startswith("ifeval_") and key not in before:
+            continue  # IFEval was not asked for
         b, a = _num(before.get(key)), _num(after.get(key))
         interval, n, measurable = _interval(change.get(key))
         rows.append({"name": name, "before": _fmt(b), "after": _fmt(a), "change": _change(b, a),
@@ -72,4 +78,5 @@ def render_results_table(before: dict[str, Any], after: dict[str, Any],
                   n_generated=after.get("n_generated") or before.get("n_generated") or 0,
                   source=after.get("heldout_source") or before.get("heldout_source") or "–",
                   general_tokens=after.get("general_tokens", before.get("general_tokens", 0)),
+                  ifeval_prompts=before.get("ifeval_prompts"), ifeval_subset_of=before.get("ifeval_subset_of"),
                   forgetting=forgetting(before, after, change.get("general_ppl")))
