@@ -7,6 +7,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The README's test command runs two workers on two cores: one compute thread each (and in the processes
+    # the tests start). With torch's default of one thread per core, four OpenMP threads would share two cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

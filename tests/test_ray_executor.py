@@ -153,8 +153,8 @@ stages:
   generate:
     model: m
     target: 200
-    max_requests: 48
-    batch_size: 8
+    max_requests: 32
+    batch_size: 16
     classify: false
     instances_style: answer
     bootstrap_params: {{temperature: 1.0, top_p: 1.0, max_tokens: 24}}
@@ -165,8 +165,9 @@ stages:
     ray_run = tmp_path / "ray"
     driver = Driver(config, ray_run, ["models.m.executor=ray", "models.m.ray.workers=2"], env)
     total = len(committed(tmp_path / "local" / "journal.sqlite"))
-    # 48 requests in chunks of 2 (the backend's batch): three kills after 1-3 answers each, plus the answers
-    # committed between the poll and the kill, leave most of the run to the final resume on a busy machine too.
+    # 32 bootstrap requests in rounds of 16 (each round a Ray dataset of its own, so few rounds keep the test short),
+    # answered in chunks of 2 (the backend's batch): three kills after 1-3 answers each, plus the answers committed
+    # between the poll and the kill, leave most of the run to the final resume on a busy machine too.
     for _ in range(3):
         start, more = len(committed(driver.db)), rng.randint(1, 3)  # kill after 1-3 answers of this run
         driver.kill_when(lambda: len(committed(driver.db)) >= start + more, total)
