@@ -153,7 +153,7 @@ def evaluate_model(model: Any, tokenizer: Any, examples: list[TrainingExample], 
     }
     if o.ifeval:
         prompts = ifeval.load_prompts(o.ifeval, None, o.seed)
-        chosen = ifeval.load_prompts(o.ifeval, o.ifeval_max_prompts, o.seed)
+        chosen = sample(prompts, o.ifeval_max_prompts, o.seed, "ifeval")  # the subset load_prompts would take
         ife = ifeval.evaluate(model, tokenizer, chosen, o.ifeval_max_new_tokens, o.batch_size, len(prompts))
         result["units"].update(ife.pop("units"))
         result["ifeval_samples"] = ife.pop("samples")
