@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -31,22 +30,13 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 
 from pipeline.errors import MissingExtra
-from pipeline.models import RayOptions, backend_module
+from pipeline.models import RayOptions, backend_module, ray_runtime
 from pipeline.models.base import Backend, BackendUnavailable, ModelRequest, ModelResult, ResultSink, error_line
 
 log = logging.getLogger(__name__)
 
 RESULT = TypeAdapter(ModelResult)
 DEFAULT_CHUNK = 16
-
-
-def _ray() -> Any:
-    try:
-        import ray
-        import ray.data  # noqa: F401 - the extra is ray[data]
-    except ImportError:
-        raise MissingExtra("executor: ray", "ray") from None
-    return ray
 
 
 class ChunkWorker:
@@ -144,26 +134,11 @@ class RayExecutor:
             raise BackendUnavailable(f"Ray: {error_line(e)}") from None
 
     def _connect(self) -> Any:
-        if self._ray is not None:
-            return self._ray
-        ray = _ray()
-        address = self.ray_options.address or os.environ.get("RAY_ADDRESS")
-        if not ray.is_initialized():
-            quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-            if address:
-                ray.init(address=address, **quiet)
-            else:
-                o = self.ray_options
-                cpus = max(2, math.ceil(o.workers * o.num_cpus_per_worker))
-                ray.init(num_cpus=cpus, num_gpus=math.ceil(o.workers * o.num_gpus_per_worker) or None, **quiet)
-                self._started_here = True
-                log.info("started a local Ray instance (%d CPUs)", cpus)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = False  # results come back as they complete
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        self._ray = ray
-        return ray
+        if self._ray is None:
+            o = self.ray_options
+            self._ray, self._started_here = ray_runtime.connect(o.address, o.workers * o.num_cpus_per_worker,
+                                                                o.workers * o.num_gpus_per_worker)
+        return self._ray
 
     def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink, store: Any = None) -> None:
         if not requests:
@@ -190,7 +165,6 @@ class RayExecutor:
             self.local.close()
         finally:
             if self._ray is not None and self._started_here:
-                self._ray.shutdown()
-                log.info("stopped the local Ray instance")
+                ray_runtime.stop(self._ray)
             self._ray = None
             self._started_here = False
