@@ -117,6 +117,11 @@ def _details(run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
 
             out.append(f"{name}: " + ", ".join(f"{k} {b[k]:.3f} -> {a[k]:.3f}{verdict(k)}" for k in keys
                                                if isinstance(b[k], (int, float)) and isinstance(a[k], (int, float))))
+            win = ev.get("win_rate")
+            if isinstance(win, dict) and win.get("win_rate") is not None:
+                ci = f"95% CI {win['low']:.3f}..{win['high']:.3f}, " if win.get("low") is not None else ""
+                out.append(f"{name}: judged win rate of the tuned model {win['win_rate']:.3f} ({ci}n={win['n']}, "
+                           f"judge {win['judge']}; {win['wins']} wins, {win['ties']} ties, {win['losses']} losses)")
         for f in st.get("failure_samples") or []:
             kind = "permanent" if f.get("permanent") else "transient"
             out.append(f"{name}: failed request ({f['kind']}, {kind}): {f['error']}")

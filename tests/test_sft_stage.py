@@ -90,20 +90,36 @@ def run_stage(ctx: StageContext) -> dict:
     return ctx.stats.metrics
 
 
+class FirstAnswerJudge:
+    """A judge model's client that always prefers the answer shown first."""
+
+    def generate(self, requests, desc=None):
+        from pipeline.models.base import Completion
+
+        return [Completion(texts=['{"reason": "first", "winner": "A"}'], finish_reasons=["stop"]) for _ in requests]
+
+    def key(self, request):
+        return str(hash(request.model_dump_json()))
+
+
 def test_causal_stage_trains_saves_and_evaluates(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.training.evaluation import EvalOptions
 
     base = save_tiny_causal(tmp_path / "base")
-    ev = EvalOptions(max_examples=2, max_new_tokens=6, max_general_tokens=128, block_size=64)
+    ev = EvalOptions(max_examples=2, max_new_tokens=6, max_general_tokens=128, block_size=64, judge="judge")
     ctx = context(tmp_path, opts(base, evaluation=ev, holdout=0.2))
+    ctx.get_model = lambda name: FirstAnswerJudge() if name == "judge" else None
     m = run_stage(ctx)
     curve = [p["loss"] for p in m["loss_curve"]]
     assert m["steps"] == 12 and curve[-1] < curve[0]
     assert m["trained_tokens"] > 0 and m["truncated"] == 0 and m["dropped"] == 0 and m["packing"] == "none"
     assert m["validation_rows"] == 4 and m["train_rows"] == 20 and ctx.stats.rows_in == 20
-    assert set(m["evaluation"]) == {"before", "after", "change"}
+    assert set(m["evaluation"]) == {"before", "after", "change", "win_rate"}
+    # the judge always names the answer shown first: one win and one loss per instruction, reported as such
+    win = m["evaluation"]["win_rate"]
+    assert (win["n"], win["win_rate"], win["first_position_preferred"], win["judge"]) == (2, 0.5, 1.0, "judge")
     out = ctx.out_dir
     card = (out / "README.md").read_text()
     assert "Loss curve: step 2" in card and "perplexity on general text" in card
@@ -126,6 +142,7 @@ def test_causal_stage_trains_saves_and_evaluates(tmp_path):
     assert set(m["evaluation"]["change"]) == {"validation_loss", "rouge_l", "stop_rate", "general_ppl"}
     saved = json.loads((out / "evaluation.json").read_text())
     assert saved["change"] == m["evaluation"]["change"] and len(saved["after"]["units"]["rouge_l"]) == 2
+    assert len(saved["judgements"]) == 4 and "Judged win rate of the tuned model" in card
 
 
 def test_seq2seq_stage_loss_falls(tmp_path):

@@ -47,7 +47,10 @@ def tiny_tokenizer(vocab_size: int = 512, chat_template: bool = True):
     return fast
 
 
-def tiny_causal_lm(tokenizer=None, seed: int = 0, hidden_size: int = 64, layers: int = 2):
+def tiny_causal_lm(tokenizer=None, seed: int = 0, hidden_size: int = 64, layers: int = 2, **config):
+    """``config``: more LlamaConfig fields. Untied embeddings with a wide init (``tie_word_embeddings=False,
+    initializer_range=0.5``) give models whose greedy answers are words that differ from seed to seed; the
+    default tied ones repeat the prompt's last token."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,7 +60,7 @@ def tiny_causal_lm(tokenizer=None, seed: int = 0, hidden_size: int = 64, layers:
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, **{"tie_word_embeddings": True, **config},
     )
     return LlamaForCausalLM(config)
 
@@ -76,9 +79,9 @@ def tiny_seq2seq_lm(tokenizer=None, seed: int = 0, d_model: int = 64):
     return T5ForConditionalGeneration(config)
 
 
-def save_tiny_causal(path: Path, seed: int = 0) -> Path:
+def save_tiny_causal(path: Path, seed: int = 0, **config) -> Path:
     tok = tiny_tokenizer()
-    model = tiny_causal_lm(tok, seed=seed)
+    model = tiny_causal_lm(tok, seed=seed, **config)
     path = Path(path)
     model.save_pretrained(path)
     tok.save_pretrained(path)

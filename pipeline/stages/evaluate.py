@@ -6,8 +6,12 @@ answers to held-out instructions, and perplexity on a general-text sample — th
 change with n and a paired bootstrap 95% interval. The tuned model is the latest earlier ``sft`` stage's
 folder unless ``tuned`` names one.
 
-Outputs in the stage folder: ``results.json`` (both results, the changes and the table),
-``generations.jsonl`` (every held-out answer of both models) and ``README.md`` (the before/after table).
+With ``evaluation.judge`` a judge model also compares the two models' held-out answers head to head (both
+orders; :mod:`pipeline.training.winrate`): the tuned model's win rate with its 95% interval.
+
+Outputs in the stage folder: ``results.json`` (both results, the changes, the win rate and the table),
+``generations.jsonl`` (every held-out answer of both models), ``judgements.jsonl`` (every verdict of the judge,
+with its reason, when there is one) and ``README.md`` (the before/after table).
 The numbers also go to the manifest (``metrics.evaluation``), where ``seedtune status`` shows them.
 """
 
@@ -25,7 +29,7 @@ from pipeline.records import TrainingExample, write_json, write_jsonl
 from pipeline.stages import seeds
 from pipeline.stages.context import StageContext
 from pipeline.text.templates import render, template_file
-from pipeline.training import evaluation
+from pipeline.training import evaluation, winrate
 from pipeline.training.evaluation import EvalOptions
 from pipeline.training.modelcard import display_name
 from pipeline.training.report import TABLE, render_results_table
@@ -58,6 +62,11 @@ def dependencies(options: Options) -> list[Path]:
 def identity(options: Options) -> dict[str, Any]:
     """The base model's weights: a content hash, or a Hub commit (never loads them)."""
     return {"base_weights": weights_identity(options.base_model, options.gguf_file, options.revision)}
+
+
+def models(options: Options) -> list[str]:
+    """The judge model, when the evaluation has one."""
+    return evaluation.judge_models(options.evaluation)
 
 
 def check(options: Options) -> None:
@@ -125,14 +134,20 @@ def run(ctx: StageContext) -> None:
     before = measure(o.base_model, o, examples, held, "base", template, gguf_file=o.gguf_file, revision=o.revision)
     after = measure(str(tuned), o, examples, held, "tuned", None)
     change = evaluation.compare(before, after, o.evaluation.seed)
-    table = render_results_table(before, after, change)
-    write_json(ctx.out_dir / "results.json", {"before": before, "after": after, "change": change, "table": table,
-                                              "base_model": o.base_model, "tuned": display_name(str(tuned), ctx.run_dir)})
+    judge = o.evaluation.judge
+    win, judgements = (winrate.judge(ctx.model(judge.model), before["samples"], after["samples"], judge)
+                       if judge else (None, []))
+    table = render_results_table(before, after, change, win)
+    write_json(ctx.out_dir / "results.json", {"before": before, "after": after, "change": change, "win_rate": win,
+                                              "table": table, "base_model": o.base_model,
+                                              "tuned": display_name(str(tuned), ctx.run_dir)})
     rows = [{"model": r["label"], **s} for r in (before, after) for s in r["samples"]]
     write_jsonl(ctx.out_dir / "generations.jsonl", rows)
+    if judge:
+        write_jsonl(ctx.out_dir / "judgements.jsonl", judgements)
     (ctx.out_dir / "README.md").write_text(
         render(REPORT, name=ctx.name, base=display_name(o.base_model, ctx.run_dir),
                tuned=display_name(str(tuned), ctx.run_dir), table=table), encoding="utf-8")
     ctx.stats.rows_out = len(rows)
     ctx.stats.metrics["evaluation"] = {"before": evaluation.summary(before), "after": evaluation.summary(after),
-                                       "change": change}
+                                       "change": change, "win_rate": win}

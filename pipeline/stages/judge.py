@@ -15,7 +15,6 @@ distribution over every parsed judgement: ``{"1": n1, ..., "5": n5}``.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.models.base import Completion, GenParams, Message, ModelRequest
 from pipeline.records import Instance, Task
 from pipeline.stages.context import StageContext
+from pipeline.text.parsing import json_objects
 from pipeline.text.templates import render, template_file
 
 
@@ -91,23 +91,8 @@ def _as_score(value: Any, max_score: int) -> int | None:
     return None
 
 
-def _json_objects(text: str):
-    """Every JSON object in ``text`` (a fenced block, or surrounded by prose), outermost first."""
-    decoder = json.JSONDecoder()
-    pos = text.find("{")
-    while pos >= 0:
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except ValueError:
-            pos = text.find("{", pos + 1)
-            continue
-        if isinstance(value, dict):
-            yield value
-        pos = text.find("{", end)
-
-
 def _from_json(text: str, max_score: int) -> tuple[int, str] | None:
-    for obj in _json_objects(text):
+    for obj in json_objects(text):
         if isinstance(obj.get("items"), dict):  # structured output wraps the schema's value under "items"
             obj = obj["items"]
         lowered = {str(k).lower(): v for k, v in obj.items()}

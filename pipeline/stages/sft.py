@@ -28,7 +28,7 @@ from pipeline.records import TrainingExample
 from pipeline.stages import seeds
 from pipeline.stages.context import StageContext
 from pipeline.text.templates import render, template_file
-from pipeline.training import evaluation, rows
+from pipeline.training import evaluation, rows, winrate
 from pipeline.training.data import ensure_pad_token, is_chat
 from pipeline.training.evaluation import EvalOptions
 from pipeline.training.modelcard import display_name, hub_id
@@ -93,6 +93,11 @@ def dependencies(options: Options) -> list[Path]:
 def identity(options: Options) -> dict[str, Any]:
     """The base model's weights: a content hash, or a Hub commit (never loads them)."""
     return {"base_weights": weights_identity(options.base_model, options.gguf_file, options.revision)}
+
+
+def models(options: Options) -> list[str]:
+    """The evaluation's judge model, when it has one."""
+    return evaluation.judge_models(options.evaluation)
 
 
 def check(options: Options) -> None:
@@ -190,12 +195,15 @@ def run(ctx: StageContext) -> None:
     # save
     save_model(ctx.out_dir, tuned, tok, fmt)
     change = evaluation.compare(before, after, o.evaluation.seed) if held else None
+    judge = o.evaluation.judge if held else None
+    win, judgements = (winrate.judge(ctx.model(judge.model), before["samples"], after["samples"], judge)
+                       if judge else (None, []))
     # card and numbers
     report = data.report
     card = render(CARD, name=f"{ctx.name} ({display_name(o.base_model, ctx.run_dir)})",
                   base_model=display_name(o.base_model, ctx.run_dir), hub_id=hub_id(o.base_model),
                   objective=o.objective, train_rows=len(train_ex), format=fmt, lora=o.train.lora, path=ctx.name,
-                  results_table=render_results_table(before, after, change) if held else None,
+                  results_table=render_results_table(before, after, change, win) if held else None,
                   dropped=report["dropped_no_trainable_tokens"], max_length=o.max_length,
                   truncated=report["truncated"], lost=report["lost_response_tokens"],
                   replay_rows=report["replay_rows"], trained_tokens=report["trained_tokens"],
@@ -213,8 +221,9 @@ def run(ctx: StageContext) -> None:
         **identity(o))
     if held:
         ctx.stats.metrics["evaluation"] = {"before": evaluation.summary(before), "after": evaluation.summary(after),
-                                           "change": change}
-        ctx.write_side_json("evaluation.json", {"before": before, "after": after, "change": change})
+                                           "change": change, "win_rate": win}
+        ctx.write_side_json("evaluation.json", {"before": before, "after": after, "change": change, "win_rate": win,
+                                                "judgements": judgements})
 
 
 def _progress(ctx: StageContext):

@@ -320,3 +320,18 @@ def parse_json_items(text: str, truncated: bool = False, required: Sequence[str]
 def parse_yes_no(text: str) -> bool | None:
     m = re.match(r"[\s*\"'`]*(yes|no)\b", text, re.I)
     return None if m is None else m.group(1).lower() == "yes"
+
+
+def json_objects(text: str):
+    """Every JSON object in ``text`` (a fenced block, or surrounded by prose), outermost first."""
+    decoder = json.JSONDecoder()
+    pos = text.find("{")
+    while pos >= 0:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except ValueError:
+            pos = text.find("{", pos + 1)
+            continue
+        if isinstance(value, dict):
+            yield value
+        pos = text.find("{", end)

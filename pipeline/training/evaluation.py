@@ -9,7 +9,9 @@
 * **forgetting** — perplexity on a general-text sample (``data/general_text.txt`` or a user file): plain
   fine-tuning and instruct tuning can make a model lose what it knew, and a rise measures how much;
 * **IFEval** (``ifeval:``, :mod:`pipeline.training.ifeval`) — prompt- and instruction-level accuracy, strict
-  and loose, on prompts whose constraints a program checks.
+  and loose, on prompts whose constraints a program checks;
+* **judged win rate** (``judge:``, :mod:`pipeline.training.winrate`) — a judge model compares the two models'
+  held-out answers head to head, in both orders; the stage sends those requests through its journaled client.
 
 A handful of held-out answers can move a metric by chance, so every change comes with ``n`` and a paired
 bootstrap 95% interval (the same examples or text windows resampled for both models); a change whose
@@ -23,12 +25,13 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from pipeline.errors import UserError
 from pipeline.paths import DATA_DIR
 from pipeline.records import Task, TrainingExample
-from pipeline.training import ifeval, metrics
+from pipeline.text.templates import template_file
+from pipeline.training import ifeval, metrics, winrate
 from pipeline.training.data import response_text
 from pipeline.training.formats import render_instance
 
@@ -60,7 +63,20 @@ class EvalOptions(BaseModel):
     ifeval: str | None = None  # IFEval prompts (input_data.jsonl's layout); None: no IFEval
     ifeval_max_prompts: int | None = None  # a seeded subset (CPU runs); None: every prompt
     ifeval_max_new_tokens: int = 512
+    # a judge model (a name under models:, or {model: ..., template: ...}) compares base and tuned answers to
+    # the held-out instructions: the tuned model's win rate (pipeline.training.winrate)
+    judge: winrate.JudgeOptions | None = None
     seed: int = 0
+
+    @field_validator("judge", mode="before")
+    @classmethod
+    def _judge_by_name(cls, value: object) -> object:
+        return {"model": value} if isinstance(value, str) else value
+
+
+def judge_models(o: EvalOptions | None) -> list[str]:
+    """The model an evaluation calls (its judge), for a stage's ``models(options)``."""
+    return [o.judge.model] if o is not None and o.judge is not None else []
 
 
 def sample(items: list[Any], n: int | None, seed: int, salt: str) -> list[Any]:
@@ -88,7 +104,8 @@ def heldout_path(o: EvalOptions) -> Path | None:
 def dependencies(o: EvalOptions) -> list[Path]:
     """The evaluation files whose content enters a stage's fingerprint."""
     held = heldout_path(o)
-    return [general_text_path(o)] + ([held] if held else []) + ([Path(o.ifeval)] if o.ifeval else [])
+    return ([general_text_path(o)] + ([held] if held else []) + ([Path(o.ifeval)] if o.ifeval else [])
+            + ([template_file(o.judge.template)] if o.judge else []))
 
 
 def read_general_text(o: EvalOptions) -> str:

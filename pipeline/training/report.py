@@ -62,8 +62,9 @@ def forgetting(before: dict[str, Any], after: dict[str, Any], change: dict[str, 
 
 
 def render_results_table(before: dict[str, Any], after: dict[str, Any],
-                         change: dict[str, dict[str, Any]] | None = None) -> str:
-    """A Markdown before/after table: each metric's change, its n and 95% interval, and a note on forgetting."""
+                         change: dict[str, dict[str, Any]] | None = None, win: dict[str, Any] | None = None) -> str:
+    """A Markdown before/after table: each metric's change, its n and 95% interval, a note on forgetting, and
+    the judged win rate (``win``, from :func:`pipeline.training.winrate.judge`) when there is one."""
     change = change or {}
     rows = []
     for key, name, reading in ROWS:
@@ -79,4 +80,4 @@ def render_results_table(before: dict[str, Any], after: dict[str, Any],
                   source=after.get("heldout_source") or before.get("heldout_source") or "–",
                   general_tokens=after.get("general_tokens", before.get("general_tokens", 0)),
                   ifeval_prompts=before.get("ifeval_prompts"), ifeval_subset_of=before.get("ifeval_subset_of"),
-                  forgetting=forgetting(before, after, change.get("general_ppl")))
+                  forgetting=forgetting(before, after, change.get("general_ppl")), win=win)
