@@ -306,7 +306,8 @@ class FakeOpenAI:
                 if "/batches/" in path and parts[-1] in server.batches:
                     return self._send(200, json.dumps(server._batch_view(server.batches[parts[-1]])).encode())
                 if path.endswith("/stats"):  # for benchmarks in other processes
-                    return self._send(200, json.dumps({"requests": len(server.log), "limited": server.limited,
+                    return self._send(200, json.dumps({"requests": len(server.log), "distinct": len(server._counts),
+                                                       "limited": server.limited,
                                                        "batches_created": server.batches_created,
                                                        "batch_items": len(server.batch_items)}).encode())
                 if path.endswith("/models"):

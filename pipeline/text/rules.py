@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -125,7 +126,9 @@ def with_overrides(base: BaseModel, overrides: BaseModel) -> BaseModel:
     return base.model_copy(update={k: getattr(overrides, k) for k in overrides.model_fields_set})
 
 
-def _blacklist_re(words: list[str]) -> re.Pattern | None:
+@lru_cache(maxsize=64)
+def _blacklist_re(words: tuple[str, ...]) -> re.Pattern | None:
+    """One pattern per word list, built once (the filter checks every record against the same list)."""
     if not words:
         return None
     return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.I)
@@ -168,7 +171,7 @@ def check_instruction(text: str, rules: InstructionRules, inp: str = "") -> Rule
         return RuleHit("too_short", f"{n} words (minimum {rules.min_words})")
     if rules.max_words is not None and n > rules.max_words:
         return RuleHit("too_long", f"{n} words (maximum {rules.max_words})")
-    bl = _blacklist_re(rules.blacklist + rules.extra_blacklist)
+    bl = _blacklist_re(tuple(rules.blacklist + rules.extra_blacklist))
     if bl is not None:
         m = bl.search(stripped)
         if m:
