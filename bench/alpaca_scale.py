@@ -117,15 +117,22 @@ def driver(config: str, timing_file: str) -> int:
     return code
 
 
-def write_config(folder: Path, url: str, seeds: Path, target: int, concurrency: int) -> Path:
+def write_config(folder: Path, url: str, seeds: Path, target: int, concurrency: int,
+                 vllm: str | None = None, max_requests: int | None = None) -> Path:
+    """The test server's config, or with ``vllm`` (a model folder) the same stages on an offline vLLM engine."""
     import yaml
 
-    cfg = {"name": "alpaca-scale", "seed": 0, "run_dir": str(folder / "run"),
-           "models": {"m": {"backend": "openai", "model": "fake", "base_url": url, "api_key_env": "BENCH_NO_KEY",
-                            "max_concurrency": concurrency, "timeout": 120}},
-           "stages": {"seeds": {"path": str(seeds)},
-                      "generate": {"model": "m", "mode": "alpaca", "alpaca_style": "chat", "json_mode": True,
-                                   "target": target, "max_requests": 4 * target // 10 + 1000}}}
+    model = {"backend": "openai", "model": "fake", "base_url": url, "api_key_env": "BENCH_NO_KEY",
+             "max_concurrency": concurrency, "timeout": 120}
+    generate = {"model": "m", "mode": "alpaca", "alpaca_style": "chat", "json_mode": True, "target": target,
+                "max_requests": max_requests or 4 * target // 10 + 1000}
+    if vllm:
+        model = {"backend": "vllm", "model": vllm, "dtype": "bfloat16", "gpu_memory_utilization": 0.8,
+                 "max_model_len": 4096}
+        generate.update(alpaca_style="completion", json_mode=False, alpaca_params={"temperature": 1.0,
+                                                                                  "max_tokens": 1536})
+    cfg = {"name": "alpaca-scale", "seed": 0, "run_dir": str(folder / "run"), "models": {"m": model},
+           "stages": {"seeds": {"path": str(seeds)}, "generate": generate}}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
@@ -162,12 +169,33 @@ def kept(run: Path) -> str:
     return hashlib.sha256((run / "generate" / "records.jsonl").read_bytes()).hexdigest()
 
 
+def on_vllm(args: argparse.Namespace) -> None:
+    """The Alpaca-scale case on a real engine: the model's own answers, parsed and filtered as any run's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        config = write_config(folder, "", args.seeds, args.target, args.concurrency, args.vllm, args.max_requests)
+        full = run_driver(config, folder / "timing.json")
+        manifest = json.loads((folder / "run" / "manifest.json").read_text())
+        gen = manifest["stages"]["generate"]
+        timing = json.loads((folder / "timing.json").read_text())
+        sent = gen["requests_sent"]
+        print(f"Alpaca mode on vLLM ({args.vllm}), {args.seeds.name} -> {gen['rows_out']:,} kept instructions "
+              f"(target {args.target:,}) from {sent:,} requests")
+        print(f"  wall {full['wall_s']:.1f} s (generate {gen['elapsed_s']:.1f} s): {sent / gen['elapsed_s']:,.1f} "
+              f"req/s, {gen['completion_tokens'] / gen['elapsed_s']:,.0f} output tokens/s; journal "
+              f"{timing['journal_s']:.2f} s = {100 * timing['journal_s'] / gen['elapsed_s']:.1f}% of the stage's "
+              f"wall time; driver peak RSS {full['rss_mb']:,.0f} MB (the engine's GPU memory not counted)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", type=int, default=52_000)
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--seeds", type=Path, default=DEFAULT_SEEDS)
+    ap.add_argument("--vllm", metavar="MODEL_DIR", help="run the generate stage on this model through offline vLLM "
+                    "(a GPU) instead of the test server: wall, requests/s, output tokens/s, the journal's share")
+    ap.add_argument("--max-requests", type=int, help="at most this many requests (default: the target's 40%%)")
     ap.add_argument("--serve", nargs=2, metavar=("PORT", "LATENCY"), help=argparse.SUPPRESS)
     ap.add_argument("--driver", nargs=2, metavar=("CONFIG", "TIMING"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,6 +204,11 @@ def main() -> None:
     if args.driver:
         raise SystemExit(driver(*args.driver))
 
+    if not args.seeds.exists():
+        print(f"{args.seeds} not found: using this project's own seed tasks")
+        args.seeds = ROOT / "data" / "seed_tasks.jsonl"
+    if args.vllm:
+        return on_vllm(args)
     os.environ["BENCH_NO_KEY"] = "x"
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"

@@ -12,7 +12,9 @@
 # 4. runs a small pipeline (generate with vLLM -> filter -> dedup -> template -> export -> sft in bf16, 4 steps)
 #    so the SFT stage's Trainer runs on the GPU after the generate stage's engine was shut down, in one run;
 # 5. the same generate stage through `executor: ray` with one GPU worker (a local Ray instance), its records
-#    compared with step 4's, then once more through Ray Data's own LLM processor (ray.data.llm, chat requests).
+#    compared with step 4's, then once more through Ray Data's own LLM processor (ray.data.llm, chat requests);
+# 6. the Alpaca-scale case (bench/alpaca_scale.py --vllm): the 175 seeds to 52,000 kept instructions (at most 8,000
+#    requests), printing wall time, requests/s, output tokens/s and the journal's share of wall.
 # Logs and the summary go to $OUT (default /tmp/seedtune-gpu-check), the run to $RUN_DIR; a summary ends the output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -195,5 +197,19 @@ else
   RESULT[ray]="SKIPPED (no ray, no model or no local generate run)"
 fi
 
+step "Alpaca-scale generation on vLLM (bench/alpaca_scale.py --vllm)"
+if "$PY" -c "import vllm" 2>/dev/null && [ -n "$MODEL_DIR" ]; then
+  # the 175 Self-Instruct seeds where the checkout has them (else the project's own 150)
+  if timeout 600 "$PY" bench/alpaca_scale.py --vllm "$MODEL_DIR" --target 52000 --max-requests 8000 \
+      --seeds "${SEEDS_175:-$ROOT/../shared/data/self_instruct_seed_tasks.jsonl}" > "$OUT/alpaca_scale.log" 2>&1; then
+    RESULT[alpaca]="ok: $(grep -E 'req/s' "$OUT/alpaca_scale.log" | tr -s ' ' | head -1)"
+  else
+    RESULT[alpaca]="FAILED (see $OUT/alpaca_scale.log)"
+  fi
+  tail -6 "$OUT/alpaca_scale.log"
+else
+  RESULT[alpaca]="SKIPPED (no vllm or no model)"
+fi
+
 step "summary"
-for k in install model vllm pipeline ray ray_llm; do printf '%-9s %s\n' "$k:" "${RESULT[$k]:-not run}"; done | tee "$OUT/summary.txt"
+for k in install model vllm pipeline ray ray_llm alpaca; do printf '%-9s %s\n' "$k:" "${RESULT[$k]:-not run}"; done | tee "$OUT/summary.txt"
