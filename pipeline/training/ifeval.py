@@ -147,5 +147,5 @@ def evaluate(model: Any, tok: Any, prompts: list[dict[str, Any]], max_new_tokens
     log.info("IFEval on %d prompts: prompt-level strict %s, loose %s", len(prompts),
              values["ifeval_prompt_strict"], values["ifeval_prompt_loose"])
     return {**values, "ifeval_prompts": len(prompts), "ifeval_subset_of": subset_of, "units": units,
-            "samples": [{"key": p["key"], "prompt": p["prompt"], "answer": t, **v}
-                        for p, t, v in zip(prompts, texts, verdicts)]}
+            "samples": [{"key": p["key"], "prompt": p["prompt"], "answer": t, "stopped": bool(s), **v}
+                        for p, t, (_, s), v in zip(prompts, texts, answers, verdicts)]}
