@@ -3,6 +3,7 @@ with known defects (no generation stage: cleaning an existing file)."""
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,31 @@ def test_an_evol_rewrite_is_not_a_near_duplicate_of_its_parent(tmp_path):
     # without the lineage, e0 is a near-duplicate of the seed it came from (and e1, longer, is not)
     assert [t.id for t in kept] == ["e1"] and [(record_id(r), r.record["meta"]["rouge_nearest"]) for r in rejected] \
         == [("e0", "seed_0")]
+
+
+@pytest.mark.parametrize("t", [0.6, 0.7])
+def test_minhash_decisions_for_a_whole_set_are_the_index_decisions_record_by_record(t):
+    from pipeline.text.minhash import MinHashIndex, decide
+    from pipeline.text.rouge import Decision, tokenize
+
+    rng = random.Random(11)
+    words = "river planet budget violin harbor recipe garden ladder census poetry saddle tunnel magnet".split()
+    texts = [f"Describe the {a} and the {b}." for a, b in zip(words, words[1:])] + [""]  # a pool of seeds
+    for _ in range(1500):  # a crowded template (many candidates), variants, empty texts
+        r = rng.random()
+        if r < 0.02:
+            texts.append("...")
+        elif r < 0.5:
+            texts.append(f"{rng.choice(['Describe', 'Explain', 'Compare'])} the {' and the '.join(rng.sample(words, 3))}.")
+        else:
+            texts.append(" ".join(rng.sample(words, rng.randint(3, 9))))
+    seeds = 13
+    index, expected = MinHashIndex(t), {}
+    for n, text in enumerate(texts):
+        if n < seeds:
+            index.add(text, str(n))
+        else:
+            expected[n] = index.check_and_add(text, str(n))
+    got = decide([tokenize(x) for x in texts], t, fixed=seeds)
+    assert {n: got.get(n, Decision(True, 0.0, None)) for n in expected} == expected
+    assert sum(not d.kept for d in expected.values()) > 300 and len(got) < len(expected)

@@ -95,11 +95,7 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _index(o: Options):
-    if o.mode == "minhash":
-        from pipeline.text.minhash import MinHashIndex
-
-        return MinHashIndex(threshold(o), num_perm=o.num_perm, bands=o.bands)
+def _index(o: Options) -> NearDuplicateIndex:
     return NearDuplicateIndex(threshold(o))
 
 
@@ -153,36 +149,29 @@ def _evol_parent(task: Task) -> str | None:
 
 
 def rouge_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], tasks: list[Task], on: str) -> list[Task]:
-    """The greedy ROUGE-L decisions on each record's instruction — without the text many records share — and,
+    """``mode: exact``: the greedy ROUGE-L decisions on each record's instruction — without the text many records share — and,
     with ``on == "instruction_input"``, a near-duplicate's input must be near too (or both empty). An Evol
     rewrite is never a duplicate of the instruction it was evolved from."""
     index, t = _index(o), threshold(o)
-    exact = o.mode == "exact"
     with_input = on == "instruction_input"
     ins = {x.id: tokenize(x.instruction) for x in seeds + tasks}
-    shared_ins = SharedText.find([ins[x.id] for x in tasks]) if o.shared_text and exact else SharedText()
+    shared_ins = SharedText.find([ins[x.id] for x in tasks]) if o.shared_text else SharedText()
     inp = {x.id: tokenize(_first_input(x)) for x in seeds + tasks} if with_input else {}
-    shared_inp = SharedText.find([inp[x.id] for x in tasks]) if with_input and o.shared_text and exact else SharedText()
+    shared_inp = SharedText.find([inp[x.id] for x in tasks]) if with_input and o.shared_text else SharedText()
     if with_input:
         inp = {k: shared_inp.strip(v) for k, v in inp.items()}
     by_text: dict[str, list[str]] = {}  # normalised instruction -> ids in the pool (an Evol rewrite's parent)
     evolved = any(_evol_parent(x) for x in tasks)
     for seed in seeds:
-        if exact:
-            index.add(seed.instruction, seed.id, tokens=shared_ins.strip(ins[seed.id]))
-        else:
-            index.add(compared_text(seed, on), seed.id)
+        index.add(seed.instruction, seed.id, tokens=shared_ins.strip(ins[seed.id]))
         if evolved:
             by_text.setdefault(normalise(seed.instruction), []).append(seed.id)
     out = []
     for task in tasks:
         accept = _acceptor(task, inp, by_text, t) if (with_input or _evol_parent(task)) else None
         tokens = shared_ins.strip(ins[task.id])
-        if exact:
-            d = index.check_and_add(task.instruction, task.id, exact_nearest=o.exact_nearest, accept=accept,
-                                    tokens=tokens)
-        else:
-            d = index.check_and_add(compared_text(task, on), task.id)
+        d = index.check_and_add(task.instruction, task.id, exact_nearest=o.exact_nearest, accept=accept,
+                                tokens=tokens)
         task.meta["rouge_nearest"], task.meta["rouge_score"] = d.nearest, round(d.score, 6)
         if not d.kept:
             what = "instruction and input" if with_input else "instruction"
@@ -199,6 +188,28 @@ def rouge_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], task
             "records": shared_ins.records + shared_inp.records,
             "tokens_left_out": shared_ins.tokens + shared_inp.tokens,
             "examples": shared_ins.examples() + shared_inp.examples()}
+    return out
+
+
+def minhash_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], tasks: list[Task],
+                            on: str) -> list[Task]:
+    """``mode: minhash``: :class:`pipeline.text.minhash.MinHashIndex`'s greedy decisions, for the whole set at
+    once (:func:`pipeline.text.minhash.decide`), each record with the best of its candidates."""
+    from pipeline.text.minhash import decide
+
+    t, pool = threshold(o), seeds + tasks
+    decided = decide([tokenize(compared_text(x, on)) for x in pool], t, o.num_perm, o.bands, fixed=len(seeds))
+    what = "instruction and input" if on == "instruction_input" else "instruction"
+    out = []
+    for n, task in enumerate(tasks, start=len(seeds)):
+        d = decided.get(n)
+        score, nearest = (d.score, pool[int(d.nearest)].id if d.nearest is not None else None) if d else (0.0, None)
+        task.meta["rouge_nearest"], task.meta["rouge_score"] = nearest, round(score, 6)
+        if d and not d.kept:
+            ctx.reject(task, "rouge_near_duplicate", f"ROUGE-L {score:.3f} > {t} with {nearest} ({what})")
+            continue
+        out.append(task)
+    ctx.stats.metrics["compared"] = on
     return out
 
 
@@ -305,6 +316,8 @@ def _run(ctx: StageContext) -> None:
         tasks = drop_exact_duplicates(ctx, tasks)
     if o.mode == "embedding":
         out = embedding_near_duplicates(ctx, o, seeds, tasks, compared(ctx, o))
+    elif o.mode == "minhash":
+        out = minhash_near_duplicates(ctx, o, seeds, tasks, compared(ctx, o))
     else:
         out = rouge_near_duplicates(ctx, o, seeds, tasks, compared(ctx, o))
     ctx.write_records(out)

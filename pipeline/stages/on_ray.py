@@ -10,10 +10,12 @@ one-process mode's, and so are the files:
   back in input order and the seedtune process writes ``records.jsonl`` and ``rejected.jsonl`` as the local
   code does;
 * MinHash dedup (:func:`minhash_dedup`): signatures and band keys in ``map_batches``; the band rows grouped by
-  band with Ray Data's ``groupby`` (inside a band, equal keys by a sort), which gives every pair of records that
-  share a band, and the exact-duplicate groups; the pairs' ROUGE-L scores verified exactly; then the greedy
-  decisions of :class:`pipeline.text.minhash.MinHashIndex` replayed in input order over those pairs. The
-  seedtune process holds per-pair state only, never the records (it streams them once more to write them).
+  band with Ray Data's ``groupby`` (inside a band, equal keys by a sort), which gives the records that share a
+  band key with another, and the exact-duplicate groups; those records' tokens and keys read back, and
+  :class:`pipeline.text.minhash.MinHashIndex`'s greedy pass, exact ROUGE-L verification included, run over them
+  alone in input order (:func:`pipeline.text.minhash.replay`: a record sharing no key can neither be nor have a
+  candidate). The seedtune process holds state for those records only, never the whole set (it streams the
+  records once more to write them).
 
 No ``address`` (and no ``RAY_ADDRESS``) starts a local Ray instance, stopped at the stage's end; an address
 joins a cluster and leaves it running (:mod:`pipeline.models.ray_runtime`).
@@ -206,54 +208,43 @@ class _Bands:
         from pipeline.stages.dedup import compared_text
         from pipeline.text.rouge import tokenize
 
-        s, band_no = self.setup, np.arange(self.setup.bands, dtype=np.int32)
-        bands, keys, idx = [], [], []
+        s, out = self.setup, {"band": [], "key": [], "idx": []}
         for c in _as_chunks(batch):
-            for n, task in enumerate(read_chunk(c), start=c.first):
-                tokens = tokenize(compared_text(task, s.on))
-                if tokens:
-                    bands.append(band_no)
-                    keys.append(np.array(self.index._band_keys(tokens), dtype=np.uint64))
-                    idx.append(np.full(s.bands, n, dtype=np.int64))
-                if s.exact and n >= s.seeds:
-                    bands.append(np.array([EXACT_BAND], dtype=np.int32))
-                    keys.append(np.array([_exact_key(task)], dtype=np.uint64))
-                    idx.append(np.array([n], dtype=np.int64))
-        if not bands:
-            return {"band": np.zeros(0, np.int32), "key": np.zeros(0, np.uint64), "idx": np.zeros(0, np.int64)}
-        return {"band": np.concatenate(bands), "key": np.concatenate(keys), "idx": np.concatenate(idx)}
+            tasks = read_chunk(c)
+            keys = self.index.band_matrix([tokenize(compared_text(t, s.on)) for t in tasks])
+            idx = np.arange(c.first, c.first + len(tasks))
+            full = keys.any(axis=1)  # an empty text is in no band
+            out["band"].append(np.tile(np.arange(s.bands, dtype=np.int32), int(full.sum())))
+            out["key"].append(keys[full].ravel())
+            out["idx"].append(np.repeat(idx[full], s.bands))
+            if s.exact:
+                judged = idx >= s.seeds
+                out["band"].append(np.full(int(judged.sum()), EXACT_BAND, dtype=np.int32))
+                out["key"].append(np.array([_exact_key(t) for t, j in zip(tasks, judged) if j], dtype=np.uint64))
+                out["idx"].append(idx[judged])
+        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
-def _pairs(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One band's rows (grouped by Ray Data) to pairs (later, earlier) of records sharing a key; in the exact
-    band, each later record of a key paired with its first. Column ``exact`` marks the latter."""
-    band = int(group["band"][0])
-    key, idx = group["key"], group["idx"]
-    order = np.lexsort((idx, key))
-    key, idx = key[order], idx[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    ends = np.r_[starts[1:], len(key)]
-    later, earlier = [], []
-    for a, b in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-        members = idx[a:b]
-        if band == EXACT_BAND:
-            later.append(members[1:])
-            earlier.append(np.full(b - a - 1, members[0], dtype=np.int64))
-        else:
-            j, i = np.triu_indices(b - a, k=1)
-            later.append(members[i])
-            earlier.append(members[j])
-    if not later:
-        return {"later": np.zeros(0, np.int64), "earlier": np.zeros(0, np.int64), "exact": np.zeros(0, bool)}
-    lat = np.concatenate(later)
-    return {"later": lat, "earlier": np.concatenate(earlier), "exact": np.full(len(lat), band == EXACT_BAND)}
+def _shared(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One band's rows (grouped by Ray Data) to the records that share their key with another (``first`` -1);
+    in the exact band, each later record of a key with the first of its key."""
+    from pipeline.text.minhash import first_of_key, shared_rows
+
+    if int(group["band"][0]) == EXACT_BAND:
+        pairs = first_of_key(group["key"], group["idx"])
+        return {"idx": pairs[:, 0], "first": pairs[:, 1]}
+    rows = shared_rows(group["key"], group["idx"])
+    return {"idx": rows.astype(np.int64), "first": np.full(len(rows), -1, dtype=np.int64)}
 
 
 class _Tokens:
-    """A worker: id and compared tokens of the records in ``wanted`` (a sorted index array)."""
+    """A worker: id, compared tokens and band keys of the records in ``wanted`` (a sorted index array)."""
 
-    def __init__(self, on: str, wanted: Any):
-        self.on, self.wanted = on, wanted
+    def __init__(self, setup: _Setup, wanted: np.ndarray):
+        from pipeline.text.minhash import MinHashIndex
+
+        self.setup, self.wanted = setup, wanted
+        self.index = MinHashIndex(setup.threshold, setup.num_perm, setup.bands)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline.stages.dedup import compared_text
@@ -263,97 +254,60 @@ class _Tokens:
         for c in _as_chunks(batch):
             lo, hi = np.searchsorted(self.wanted, [c.first, c.first + c.count])
             want = set(self.wanted[lo:hi].tolist())
-            if want:
-                out.append(pickle.dumps({n: (t.id, tokenize(compared_text(t, self.on)))
-                                         for n, t in enumerate(read_chunk(c), start=c.first) if n in want}))
+            found = [(n, t.id, tokenize(compared_text(t, self.setup.on)))
+                     for n, t in enumerate(read_chunk(c), start=c.first) if n in want]
+            keys = self.index.band_matrix([f[2] for f in found])
+            out.append(pickle.dumps({n: (rid, toks, k) for (n, rid, toks), k in zip(found, keys)}))
         return {"out": np.array(out, dtype=object)}
 
 
 @dataclass
 class MinHashDecisions:
-    """What the greedy replay decided: exact duplicates (task index -> id of the first), and for every task
-    with a candidate, (kept, best F1, nearest id); a task with none is kept with (0.0, None)."""
+    """What the greedy pass decided: exact duplicates (task number -> id of the first), and for every task
+    that shares a band key with another, (kept, best F1, nearest id); any other task is kept with (0.0, None)."""
 
     exact: dict[int, str]
     near: dict[int, tuple[bool, float, str | None]]
     seeds: int
 
 
-def _verify(pairs: np.ndarray, tokens: dict[int, tuple[str, list[str]]], threshold: float, seeds: int,
-            ) -> dict[int, tuple[bool, float, str | None]]:
-    """:meth:`MinHashIndex._best` for every task with candidates, in input order: the candidates still kept
-    (seeds always), the pre-screen where there are more than six, the first best F1."""
-    from rapidfuzz.distance import Indel, LCSseq
-
-    from pipeline.text.rouge import SLACK, TokenCodes, f1_from_lcs
-
-    near: dict[int, tuple[bool, float, str | None]] = {}
-    dropped: set[int] = set()
-    cutoff = max(0.0, threshold - SLACK)
-    bounds = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0], True]) if len(pairs) else np.zeros(1, int)
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        j = int(pairs[a, 0])
-        if j < seeds:
-            continue  # seeds are the pool: never judged
-        ids = [int(i) for i in pairs[a:b, 1] if int(i) not in dropped]
-        if not ids:
-            continue
-        mine = tokens[j][1]
-        coder = TokenCodes()  # one pair at a time: LCS and Indel need equal tokens to share a code, no more
-        code = coder.encode(mine, assign=True)[0]
-        theirs = {i: coder.encode(tokens[i][1], assign=True)[0] for i in ids}
-        if len(ids) > 6:
-            ids = [i for i in ids if Indel.normalized_similarity(code, theirs[i]) >= cutoff]
-        best, best_i = 0.0, -1
-        for i in ids:
-            f = f1_from_lcs(int(LCSseq.similarity(code, theirs[i])), len(mine), len(tokens[i][1]))
-            if f > best:
-                best, best_i = f, i
-        kept = not best > threshold
-        near[j] = (kept, best, tokens[best_i][0] if best_i >= 0 else None)
-        if not kept:
-            dropped.add(j)
-    return near
-
-
 def minhash_dedup(ray: Any, options: DataRayOptions, seeds: StageInput | None, tasks: StageInput, on: str,
                   threshold: float, num_perm: int, bands: int, exact: bool) -> MinHashDecisions:
     """The decisions of dedup's exact-duplicate step and MinHash mode for ``tasks`` against ``seeds``
-    (indices: the seeds' records first, then the tasks')."""
+    (record numbers: the seeds' records first, then the tasks')."""
+    from pipeline.text.minhash import replay
+
     seed_chunks, n_seeds = chunks(seeds.dir / RECORDS_FILE, options.chunk_records) if seeds else ([], 0)
     task_chunks, _ = chunks(tasks.dir / RECORDS_FILE, options.chunk_records)
-    task_chunks = [Chunk(c.path, c.start, c.end, c.first + n_seeds, c.count) for c in task_chunks]
-    cs = seed_chunks + task_chunks
+    cs = seed_chunks + [Chunk(c.path, c.start, c.end, c.first + n_seeds, c.count) for c in task_chunks]
     if not cs:
         return MinHashDecisions({}, {}, n_seeds)
     setup = _Setup(on, threshold, num_perm, bands, exact, n_seeds)
     rows = ray.data.from_items(_chunk_rows(cs), override_num_blocks=len(cs))
     band_rows = rows.map_batches(_Bands, fn_constructor_args=(setup,), batch_size=1,
                                  compute=_pool(ray, options), num_cpus=1)
-    grouped = band_rows.groupby("band").map_groups(_pairs, batch_format="numpy")
-    near_pairs, exact_pairs = [], []
-    for batch in grouped.iter_batches(batch_format="numpy", batch_size=None):
-        both = np.stack([batch["later"], batch["earlier"]], axis=1)
-        exact_pairs.append(both[batch["exact"]])
-        near_pairs.append(both[~batch["exact"]])
-    ex = np.concatenate(exact_pairs) if exact_pairs else np.zeros((0, 2), np.int64)
-    pairs = np.concatenate(near_pairs) if near_pairs else np.zeros((0, 2), np.int64)
+    involved, ex = [], []
+    for batch in band_rows.groupby("band").map_groups(_shared, batch_format="numpy").iter_batches(
+            batch_format="numpy", batch_size=None):
+        near = batch["first"] < 0
+        involved.append(batch["idx"][near])
+        ex.append(np.stack([batch["idx"][~near], batch["first"][~near]], axis=1))
+    pairs = np.concatenate(ex) if ex else np.zeros((0, 2), np.int64)
     # an exact duplicate leaves the pool before the near-duplicate step
-    if len(ex):
-        pairs = pairs[~(np.isin(pairs[:, 0], ex[:, 0]) | np.isin(pairs[:, 1], ex[:, 0]))]
-    pairs = np.unique(pairs, axis=0)  # sorted by later, then earlier; a pair sharing several bands once
-    wanted = np.unique(np.concatenate([pairs.ravel(), ex[:, 1]]))
-    tokens: dict[int, tuple[str, list[str]]] = {}
+    rest = np.setdiff1d(np.concatenate(involved) if involved else np.zeros(0, np.int64), pairs[:, 0])
+    wanted = np.union1d(rest, pairs[:, 1]).astype(np.int64)
+    found: dict[int, tuple[str, list[str], np.ndarray]] = {}
     if len(wanted):
         # only the chunks holding a wanted record are read again
-        starts = np.array([c.first for c in cs])
-        holding = sorted(set(np.searchsorted(starts, wanted, side="right").tolist()))
-        part = [cs[k - 1] for k in holding]
+        part = [cs[k - 1] for k in sorted(set(np.searchsorted([c.first for c in cs], wanted, side="right").tolist()))]
         toks = ray.data.from_items(_chunk_rows(part), override_num_blocks=len(part))
-        toks = toks.map_batches(_Tokens, fn_constructor_args=(on, wanted), batch_size=1,
+        toks = toks.map_batches(_Tokens, fn_constructor_args=(setup, wanted), batch_size=1,
                                 compute=_pool(ray, options), num_cpus=1)
         for row in toks.iter_rows():
-            tokens.update(pickle.loads(row["out"]))
-    near = _verify(pairs, tokens, threshold, n_seeds)
-    return MinHashDecisions({int(j) - n_seeds: tokens[int(i)][0] for j, i in ex},
-                            {j - n_seeds: d for j, d in near.items()}, n_seeds)
+            found.update(pickle.loads(row["out"]))
+    decided = replay(rest.tolist(), {n: f[1] for n, f in found.items()}, {n: f[2] for n, f in found.items()},
+                     threshold, num_perm, bands, n_seeds)
+    return MinHashDecisions(
+        {int(j) - n_seeds: found[int(i)][0] for j, i in pairs},
+        {n - n_seeds: (d.kept, d.score, found[int(d.nearest)][0] if d.nearest is not None else None)
+         for n, d in decided.items()}, n_seeds)
