@@ -3,9 +3,11 @@
 Starts tests/openai_server.py (a separate process) with a fixed latency, then, each in a fresh driver process,
 sends N requests through the journaled client (every answer committed to a real journal, as the runner does)
 with the local executor and with Ray at 1 and 2 workers (a local Ray instance that the driver starts and stops).
-Prints requests/s, the driver's peak memory (RSS; Ray's own processes are not counted), and Ray's overhead:
-the one-off start of the Ray instance, the fixed cost of each round (a Ray dataset whose actors start, measured
-with a 1-request call), and the extra wall time per request beyond the local executor once that is taken off.
+Prints requests/s, the driver's peak memory (RSS; Ray's own processes are not counted), and Ray's overhead
+beyond the local executor: the one-off start (the Ray instance and its workers, each building the backend), the
+fixed cost of one more round (a 1-request call on the same client) and of one more stage (a 1-request call from
+a new client on the same model, as the runner hands a later stage the model it keeps for the run), and the
+extra wall time per request once those are taken off.
     python bench/ray_throughput.py [--latency 0.2] [--requests 2000] [--concurrency 32]
 """
 
@@ -25,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def driver(url: str, n: int, concurrency: int, executor: str, workers: int) -> dict:
-    """One measurement, in this (fresh) process: a 1-request call that starts everything (Ray included), a
-    1-request call (the fixed cost of one more round: a Ray dataset and its actors), then n requests."""
+    """One measurement, in this (fresh) process: a 1-request call that starts everything (Ray and its workers
+    included), a 1-request call (one more round), a 1-request call from a new client (one more stage), then n
+    requests."""
     sys.path.insert(0, str(ROOT))
     from pipeline.config import ModelSpec
     from pipeline.models import Budget, Price, RayOptions
@@ -44,7 +47,10 @@ def driver(url: str, n: int, concurrency: int, executor: str, workers: int) -> d
     with tempfile.TemporaryDirectory() as tmp:
         journal = Journal(Path(tmp) / "journal.sqlite")
         client = JournaledClient("m", backend, journal, "bench", StageStats(), Price(), Budget(), show_progress=False)
-        for name, count in (("init", 1), ("one", 1), ("many", n)):
+        for name, count in (("init", 1), ("one", 1), ("stage", 1), ("many", n)):
+            if name == "stage":  # the next stage: its own client, the same model
+                client = JournaledClient("m", backend, journal, "bench2", StageStats(), Price(), Budget(),
+                                         show_progress=False)
             reqs = [ModelRequest(messages=[Message(role="user", content=f"{name} {executor}{workers} {i}")],
                                  params=GenParams(max_tokens=16)) for i in range(count)]
             t = time.perf_counter()
@@ -52,6 +58,7 @@ def driver(url: str, n: int, concurrency: int, executor: str, workers: int) -> d
             out[name] = time.perf_counter() - t
             assert all(r.status == "ok" for r in results), [r for r in results if r.status != "ok"][:1]
         journal.close()
+    out.update(backend.stats() if hasattr(backend, "stats") else {})
     backend.close()
     out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -94,18 +101,21 @@ def main() -> None:
     n, lat = args.requests, args.latency
     print(f"{n} requests, server latency {lat * 1000:.0f} ms, max_concurrency {args.concurrency} per backend "
           f"(ideal {args.concurrency / lat:.0f} req/s per worker)")
-    print(f"{'executor':<10} {'req/s':>7} {'wall s':>7} {'req/s beyond round cost':>24} {'start s':>8} "
-          f"{'round s':>8} {'driver peak RSS MiB':>20}")
+    print(f"{'executor':<10} {'req/s':>7} {'wall s':>7} {'start s':>8} {'round s':>8} {'stage s':>8} "
+          f"{'actor starts':>13} {'driver peak RSS MiB':>20}")
     local = rows[0][2]
     for executor, workers, m in rows:
         label = executor if executor == "local" else f"ray x{workers}"
-        print(f"{label:<10} {n / m['many']:>7.1f} {m['many']:>7.2f} {n / (m['many'] - m['one']):>24.1f} "
-              f"{m['init']:>8.2f} {m['one']:>8.2f} {m['rss_mib']:>20.0f}")
+        print(f"{label:<10} {n / m['many']:>7.1f} {m['many']:>7.2f} {m['init']:>8.2f} {m['one']:>8.2f} "
+              f"{m['stage']:>8.2f} {m.get('ray_actor_starts', '-'):>13} {m['rss_mib']:>20.0f}")
     for executor, workers, m in rows[1:]:
-        # Ray's extra time per request at the same concurrency (1 worker): beyond the fixed cost of a dataset.
+        # Beyond the local executor: a 1-request call costs one server latency on either.
         extra = ((m["many"] - m["one"]) - (local["many"] - local["one"])) / n
-        print(f"ray x{workers}: Ray start {m['init'] - local['init']:.1f} s once; fixed cost per round (a Ray dataset, "
-              f"its actors start) {m['one'] - local['one']:.2f} s; beyond that {extra * 1000:+.2f} ms per request")
+        print(f"ray x{workers}: start {m['init'] - local['init']:.1f} s once (Ray, {workers} workers); fixed cost per "
+              f"round {m['one'] - local['one']:+.3f} s, per stage {m['stage'] - local['stage']:+.3f} s; "
+              f"{extra * 1000:+.2f} ms per request; {m['ray_actor_starts']} actor starts in {m['ray_calls']} calls")
+    r1, r2 = rows[1][2], rows[2][2]
+    print(f"ray x2 / ray x1 throughput: {r1['many'] / r2['many']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """``executor: ray`` through the CLI: the same records as the local executor for the same seed, a driver killed
-(SIGKILL) three times at random points resumes sending only what was not committed, and no Ray process outlives
-the run. Against the real HTTP test server (openai backend) and on a tiny local model (transformers, 2 workers)."""
+(SIGKILL) three times at random points resumes sending only what was not committed, no Ray process outlives
+the run, and a run starts each Ray worker once however many rounds and stages call the model (a judge stage
+after generate on the same model). Against the real HTTP test server (openai backend) and on a tiny local model
+(transformers, 2 workers)."""
 
 import json
 import os
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from openai_server import FakeOpenAI, canonical
 from tinymodel import save_tiny_causal
@@ -26,8 +29,11 @@ SMALL = ["stages.generate.target=12", "stages.generate.max_requests=8", "stages.
 
 
 def answer(body):
-    """A JSON list of tasks drawn from the request itself (so the same request gets the same answer)."""
+    """A JSON list of tasks drawn from the request itself (so the same request gets the same answer); a judge's
+    request gets a score."""
     rng = random.Random(canonical(body))
+    if "Rate how good" in canonical(body):
+        return json.dumps({"score": rng.randint(1, 5), "reason": "It is " + rng.choice(WORDS) + "."})
     return json.dumps([{"instruction": "Describe the " + " and the ".join(rng.sample(WORDS, 4)) + ".",
                         "input": "", "output": "It is the " + rng.choice(WORDS) + "."} for _ in range(3)])
 
@@ -64,9 +70,20 @@ def committed(db: Path) -> dict[str, str]:
         conn.close()
 
 
-def generate_outputs(run: Path) -> tuple[str, str]:
+def generate_outputs(run: Path) -> tuple[str, ...]:
     gen = run / "generate"
-    return (gen / "records.jsonl").read_text(), (gen / "raw_completions.jsonl").read_text()
+    judged = [(run / "judge" / "records.jsonl").read_text()] if (run / "judge").exists() else []
+    return (gen / "records.jsonl").read_text(), (gen / "raw_completions.jsonl").read_text(), *judged
+
+
+def one_pool_per_run(run_dir: Path, model: str, workers: int, stages: tuple[str, ...]) -> None:
+    """The last run started each worker once, though every stage here that sent requests made a call of its own."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    pool = manifest["models"][model]
+    sending = [s for s in stages if manifest["stages"][s]["requests_sent"]]
+    assert sending, "the last run sent nothing"
+    assert pool["ray_calls"] >= len(sending)
+    assert pool["ray_actor_starts"] == workers, pool
 
 
 class Driver:
@@ -105,15 +122,21 @@ class Driver:
 def final_run_sends_only_uncommitted(driver: Driver, run_dir: Path) -> None:
     before = committed(driver.db)
     driver.run()
-    gen = json.loads((run_dir / "manifest.json").read_text())["stages"]["generate"]
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    calling = [stages[s] for s in ("generate", "judge") if s in stages]
     after = committed(driver.db)
     assert {k: after[k] for k in before} == before  # committed answers never change
-    assert gen["requests_cached"] == len(before) and gen["requests_sent"] == len(after) - len(before)
+    assert sum(s["requests_cached"] for s in calling) == len(before)
+    assert sum(s["requests_sent"] for s in calling) == len(after) - len(before)
 
 
 def test_openai_on_ray_matches_local_and_survives_three_kills(tmp_path):
     rng = random.Random(14)
-    config = ROOT / "configs" / "openai.yaml"
+    data = yaml.safe_load((ROOT / "configs" / "openai.yaml").read_text())
+    stages = list(data["stages"].items())  # configs/openai.yaml with a judge on the same model after generate
+    data["stages"] = dict(stages[:2] + [("judge", {"model": "teacher"})] + stages[2:])
+    config = tmp_path / "openai.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
     with FakeOpenAI(latency=0.05, answer=answer) as srv:
         env = {"OPENAI_BASE_URL": srv.url, "OPENAI_API_KEY": "test"}
         Driver(config, tmp_path / "local", SMALL, env).run()
@@ -125,8 +148,8 @@ def test_openai_on_ray_matches_local_and_survives_three_kills(tmp_path):
         in_flight = resent = 0
         answered: set[str] = set()
         for _ in range(3):
-            start, before = len(srv.log), len(committed(driver.db))
-            driver.kill_when(lambda: len(srv.log) >= start + rng.randint(1, 2), total)
+            start, before, more = len(srv.log), len(committed(driver.db)), rng.randint(1, 2)
+            driver.kill_when(lambda: len(committed(driver.db)) >= before + more, total)  # after 1-2 answers
             sent = {canonical(b) for b in srv.log[start:]}
             # In flight at the kill: received by the server (the workers included), never committed.
             in_flight += len(sent) - (len(committed(driver.db)) - before)
@@ -135,6 +158,7 @@ def test_openai_on_ray_matches_local_and_survives_three_kills(tmp_path):
         start = len(srv.log)
         final_run_sends_only_uncommitted(driver, ray_run)
         resent += len({canonical(b) for b in srv.log[start:]} & answered)
+    one_pool_per_run(ray_run, "teacher", 2, ("generate", "judge"))
     assert generate_outputs(ray_run) == generate_outputs(tmp_path / "local")
     assert committed(driver.db) == committed(tmp_path / "local" / "journal.sqlite")
     assert resent <= in_flight
@@ -165,12 +189,40 @@ stages:
     ray_run = tmp_path / "ray"
     driver = Driver(config, ray_run, ["models.m.executor=ray", "models.m.ray.workers=2"], env)
     total = len(committed(tmp_path / "local" / "journal.sqlite"))
-    # 32 bootstrap requests in rounds of 16 (each round a Ray dataset of its own, so few rounds keep the test short),
-    # answered in chunks of 2 (the backend's batch): three kills after 1-3 answers each, plus the answers committed
-    # between the poll and the kill, leave most of the run to the final resume on a busy machine too.
+    # 32 bootstrap requests in rounds of 16, answered in chunks of 2 (the backend's batch): three kills after 1-3
+    # answers each, plus the answers committed between the poll and the kill, leave most of the run (the second
+    # round and the instances, two calls at least on the same two workers) to the final resume.
     for _ in range(3):
         start, more = len(committed(driver.db)), rng.randint(1, 3)  # kill after 1-3 answers of this run
         driver.kill_when(lambda: len(committed(driver.db)) >= start + more, total)
     final_run_sends_only_uncommitted(driver, ray_run)
+    one_pool_per_run(ray_run, "m", 2, ("generate",))
+    assert json.loads((ray_run / "manifest.json").read_text())["models"]["m"]["ray_calls"] >= 2  # rounds, instances
     assert generate_outputs(ray_run) == generate_outputs(tmp_path / "local")
     assert committed(driver.db) == committed(tmp_path / "local" / "journal.sqlite")
+
+
+def test_a_call_stopped_by_its_sink_leaves_the_same_workers_to_answer_the_next(tmp_path, monkeypatch):
+    """In this process: a sink that says stop (the budget) ends the call after the chunks already running; the next
+    call is answered by the same worker (started once), each answer as the local backend gives it."""
+    from pipeline.models import RayOptions, testing
+    from pipeline.models.base import ModelRequest
+    from pipeline.run.executors.ray import RayExecutor
+
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    options = testing.Options(delay_s=0.02)
+    executor = RayExecutor("test", options, RayOptions(workers=1, batch_size=2), testing.create(options))
+    requests = [ModelRequest(prompt=f"Task {i}:", tag=f"t{i}") for i in range(40)]
+    local: list[tuple] = []
+    testing.create(options).generate(requests, lambda group: local.extend(group) or True)
+    try:
+        stopped: list[tuple] = []
+        executor.generate(requests, lambda group: stopped.extend(group) or False)
+        assert len(stopped) in (2, 4)  # the first chunk, and the next one if it had started: nothing queued runs
+        answered: list[tuple] = []
+        executor.generate(requests, lambda group: answered.extend(group) or True)
+        assert sorted(answered, key=lambda t: t[0]) == local
+        assert executor.stats() == {"executor": "ray", "ray_workers": 1, "ray_actor_starts": 1, "ray_calls": 2}
+    finally:
+        executor.close()

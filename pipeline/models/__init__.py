@@ -3,8 +3,9 @@
 Backend modules are imported only when a config names them, so a missing optional package (vLLM) only
 matters to the configs that use it. Each backend module exposes ``Options`` (a pydantic model of its
 settings), ``identity(options)`` (static: what shapes its answers; never loads a model or opens a connection),
-``create(options) -> Backend``, and optionally ``alternatives(options, request)`` (the wire forms it may send a
-request in, each with its own journal key).
+``create(options) -> Backend``, ``capacity(options)`` (static: how many requests one built backend runs at once,
+what a generation round holds by default), and optionally ``alternatives(options, request)`` (the wire forms it
+may send a request in, each with its own journal key) and ``gpus(options)`` (GPUs one built backend needs).
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ class RayOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     address: str | None = None  # a cluster to join; else $RAY_ADDRESS; else a local instance on this machine
-    workers: int = Field(1, ge=1)  # actors, each building the backend once
-    batch_size: int | None = Field(None, ge=1)  # requests per Ray row (default: the backend's batch/concurrency)
-    num_gpus_per_worker: float = Field(0, ge=0)
+    workers: int = Field(1, ge=1)  # actors, each building the backend once for the whole run
+    batch_size: int | None = Field(None, ge=1)  # requests per task sent to an actor (default: its capacity)
+    num_gpus_per_worker: float | None = Field(None, ge=0)  # default: what the backend needs (vLLM: its TP size)
     num_cpus_per_worker: float = Field(1, ge=0)
     # vLLM on GPU workers through Ray Data's own LLM processor (ray.data.llm) instead of seedtune's vllm backend.
     ray_data_llm: bool = False
@@ -75,6 +76,17 @@ def backend_options(name: str, options: dict[str, Any]) -> BaseModel:
 
 def model_identity(name: str, options: BaseModel) -> dict[str, Any]:
     return backend_module(name).identity(options)
+
+
+def capacity(name: str, options: BaseModel) -> int:
+    """Requests one built backend runs at once (static: no model loaded, no connection opened)."""
+    return int(backend_module(name).capacity(options))
+
+
+def worker_gpus(name: str, options: BaseModel) -> float:
+    """GPUs one built backend needs (0 for a backend on the CPU or behind a server)."""
+    module = backend_module(name)
+    return float(module.gpus(options)) if hasattr(module, "gpus") else 0.0
 
 
 def request_forms(name: str, options: BaseModel, request: Any) -> list[Any]:

@@ -301,6 +301,11 @@ class OpenAIBackend:
         return None
 
 
+def capacity(options: Options) -> int:
+    """Requests in flight at once: the client's concurrency."""
+    return options.max_concurrency
+
+
 def create(options: Options) -> OpenAIBackend:
     return OpenAIBackend(options)
 

@@ -148,5 +148,10 @@ def identity(options: Options) -> dict[str, Any]:
     return {"backend": "test", "model": options.model, "items_per_list": options.items_per_list}
 
 
+def capacity(options: Options) -> int:
+    """A small round, as a test wants it."""
+    return 8
+
+
 def create(options: Options) -> TestBackend:
     return TestBackend(options)

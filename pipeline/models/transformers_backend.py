@@ -235,5 +235,15 @@ def identity(options: Options) -> dict[str, Any]:
             "weights": weights_identity(options.model, options.gguf_file, options.revision)}
 
 
+def capacity(options: Options) -> int:
+    """Requests generated together: one batch."""
+    return options.batch_size
+
+
+def gpus(options: Options) -> int:
+    """One GPU for a model placed on one, else none."""
+    return 1 if options.device.startswith("cuda") else 0
+
+
 def create(options: Options) -> TransformersBackend:
     return TransformersBackend(options)

@@ -271,6 +271,19 @@ def identity(options: Options) -> dict[str, Any]:
             "weights": weights_identity(options.model, None, options.revision)}
 
 
+ENGINE_CAPACITY = 256  # vLLM's default number of sequences scheduled at once (max_num_seqs)
+
+
+def capacity(options: Options) -> int:
+    """Requests the engine schedules at once."""
+    return ENGINE_CAPACITY
+
+
+def gpus(options: Options) -> int:
+    """One GPU per tensor-parallel shard."""
+    return options.tensor_parallel_size
+
+
 def create(options: Options) -> VLLMBackend:
     if not vllm_available():
         raise MissingExtra("the vllm backend", "vllm")

@@ -1,9 +1,10 @@
 """The journaled model client a stage receives: answers already committed are never requested again.
 
 For each request the client looks up, in the journal, the key of every wire form the backend may send it in
-(``alternatives``); the first hit is the answer. The rest go to the backend, which is built only now (a stage
-whose answers are all journaled never loads a model or opens a connection) and checked once before its first
-request. Each answer is committed under the key of the request actually sent before the stage sees it. A
+(``alternatives``); the first hit is the answer. The rest go to the backend, which is asked of the factory only
+now (a stage whose answers are all journaled never loads a model or opens a connection); the factory hands a
+built and checked backend that the client borrows (the runner keeps it for the run, see
+:mod:`pipeline.run.models`). Each answer is committed under the key of the request actually sent before the stage sees it. A
 permanent failure recorded by an earlier run is not sent again unless ``retry_failed``; a transient one is.
 Each model has its own budget counter in the stage.
 """
@@ -100,26 +101,15 @@ class JournaledClient:
                 out.append("new")
         return out
 
-    # ---- the backend, built when first needed ---------------------------------------------------------
+    # ---- the backend, asked for when first needed ------------------------------------------------------
     def backend(self) -> Backend:
         if self._backend is None:
             assert self._factory is not None
-            backend = self._factory()
             try:
-                backend.check()
+                self._backend = self._factory()
             except BackendUnavailable as e:
-                backend.close()
                 raise UserError(f"stage '{self.stage}': model '{self.name}': {e}") from None
-            self._backend = backend
         return self._backend
-
-    def close(self) -> None:
-        if self._backend is not None and self._factory is not None:
-            try:
-                self._backend.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                log.debug("closing model '%s' failed", self.name, exc_info=True)
-            self._backend = None
 
     # ---- budget ----------------------------------------------------------------------------------------
     def budget_reached(self) -> bool:

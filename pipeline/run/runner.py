@@ -39,6 +39,7 @@ from pipeline.run.distributed import lead_stage
 from pipeline.run.executors import executor_for
 from pipeline.run.identity import STAGE_FILE, dir_digest, fingerprint
 from pipeline.run.journal import Journal
+from pipeline.run.models import RunModels
 from pipeline.run.manifest import now_iso, package_versions, read_manifest, write_manifest
 from pipeline.run.revisions import pin_revisions
 from pipeline.run.rundir import RunLock, ensure_owned, fresh_start
@@ -149,7 +150,7 @@ class Runner:
             if val is not None and val not in names:
                 raise UserError(f"{opt} {val}: no such stage (stages: {', '.join(names)})")
 
-    # -- models: built by a stage's client only when a request must be sent
+    # -- models: built when a stage's client must send a request, kept for the run (see pipeline.run.models)
     def build_backend(self, name: str):
         spec = self.config.models[name]
         return executor_for(spec, backend_module(spec.backend).create(spec.options))
@@ -223,6 +224,16 @@ class Runner:
     def _run(self, journal: Journal) -> list[StageOutcome]:
         self._init_manifest()
         outcomes: list[StageOutcome] = []
+        models = RunModels(self.config, self.table, self.build_backend)
+        try:
+            return self._stages(journal, models, outcomes)
+        finally:
+            models.close()  # also on an interrupt or an error: engines, Ray actors and Ray itself never outlive it
+            if models.stats:
+                self.manifest["models"] = models.stats
+                write_manifest(self.run_dir, self.manifest)
+
+    def _stages(self, journal: Journal, models: RunModels, outcomes: list[StageOutcome]) -> list[StageOutcome]:
         upstream: list[tuple[str, str]] = []
         inputs: list[StageInput] = []
         names = [s.name for s in self.config.stages]
@@ -231,6 +242,7 @@ class Runner:
             module = stage_module(spec.kind, self.table)
             fp = fingerprint(self.config, spec, module, upstream)
             action, info = decide(self.run_dir, spec.name, fp, force=idx >= forced_from)
+            models.before_stage(idx)
             if action == "cached":
                 outcome = self._cached(spec, fp, info or {})
             elif action == "restore":
@@ -238,7 +250,8 @@ class Runner:
             else:
                 if spec.name in self.unresolved:  # nothing is keyed under a commit not yet known
                     raise UserError(self.unresolved[spec.name])
-                outcome = self._compute(spec, module, fp, inputs, journal)
+                outcome = self._compute(spec, module, fp, inputs, journal, models)
+            models.after_stage(idx)
             outcomes.append(outcome)
             info = read_stage_file(self.run_dir / spec.name) or {}
             upstream = upstream + [(spec.name, info.get("digest", ""))]
@@ -278,7 +291,7 @@ class Runner:
         source.rename(final)
 
     def _compute(self, spec: StageSpec, module: Any, fp: str, inputs: list[StageInput],
-                 journal: Journal) -> StageOutcome:
+                 journal: Journal, models: RunModels) -> StageOutcome:
         final = self.run_dir / spec.name
         if final.exists():
             ensure_owned(final)  # before any work: a user's folder of that name is never moved
@@ -302,7 +315,7 @@ class Runner:
             if name not in clients:
                 m = self.config.models[name]
                 clients[name] = JournaledClient(
-                    name, lambda: self.build_backend(name), journal, spec.name, stats, m.price, m.budget,
+                    name, lambda: models.get(name), journal, spec.name, stats, m.price, m.budget,
                     self.options.show_progress, identity=backend_module(m.backend).identity(m.options),
                     backend_name=m.backend, options=m.options, retry_failed=self.options.retry_failed)
             return clients[name]
@@ -318,9 +331,7 @@ class Runner:
         log.info("stage %s (%s) started, fingerprint %s", spec.name, spec.kind, fp)
 
         def finish(state: str, **extra: Any) -> None:
-            ctx.close()
-            for c in clients.values():
-                c.close()  # the next stage may need the memory (a vLLM engine before SFT)
+            ctx.close()  # the models stay built for the run's later stages (see pipeline.run.models)
             ended = time.time()
             if stats.failures:
                 log.warning("stage %s: %d requests failed (%s)", spec.name, stats.failures,

@@ -24,6 +24,7 @@ The algorithms live in :mod:`pipeline.stages.generation`, one module each.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.records import Instance, Task
@@ -49,6 +50,14 @@ def _used_templates(o: Options) -> list[str]:
         used.append(t.classify)
     used += [t.input_first, t.output_first] if o.instances_style == "input_first" else [t.answer]
     return used
+
+
+def resolve(options: Options, capacity: Callable[[str], int]) -> Options:
+    """A round holds what the model runs at once (``capacity``), unless ``batch_size`` is given: a round's
+    prompts show only complete earlier rounds, so the fewer the rounds, the fewer the engine's idle tails."""
+    if options.batch_size is None:
+        return options.model_copy(update={"batch_size": capacity(options.model)})
+    return options
 
 
 def dependencies(options: Options) -> list[Path]:

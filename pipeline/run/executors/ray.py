@@ -1,20 +1,29 @@
-"""``executor: ray``: a model's requests on Ray Data actors, results streamed back and journaled by the driver.
+"""``executor: ray``: a model's requests on long-lived Ray actors, results streamed back and journaled by the driver.
 
-The driver (the seedtune process) turns the requests the journaled client still has to send into keyed rows
-(request indices and the requests as JSON), one row per *chunk*. ``map_batches`` with an actor class
-(``concurrency`` = ``ray.workers``) builds the model's backend once per worker
+One pool of actors per model and run. On the model's first request the executor starts ``ray.workers`` Ray
+actors (``num_cpus_per_worker`` CPUs and ``num_gpus_per_worker`` GPUs each; the GPUs default to what the backend
+needs, a vLLM engine's tensor-parallel size), and each builds the model's backend once
 (``backend_module(name).create(options)``: a vLLM engine per GPU worker, the transformers model, or the async
-openai client) and answers each chunk with it. The driver iterates the mapped dataset as rows complete and hands
-each chunk's results to ``on_result``, which commits them to the journal before the stage uses them; a killed
-driver therefore resumes by sending only the requests not yet committed. Rounds of a stage stay rounds: each
-``generate`` call is one Ray dataset (its actors start with it).
+openai client). Every later call goes to the same actors: every round of a stage, and every later stage that
+calls the same model (the runner keeps the executor from the model's first stage to its last). :meth:`close`
+kills the actors and shuts Ray down if seedtune started it.
+
+The driver (the seedtune process) cuts a call's requests into chunks and keeps up to ``IN_FLIGHT`` chunks queued
+on each actor, so an actor starts its next chunk as soon as one is done. Each chunk's results go to
+``on_result`` as it completes, which commits them to the journal before the stage uses them; a killed driver
+therefore resumes by sending only the requests not yet committed, and its actors die with it (each watches its
+raylet). When ``on_result`` says stop (the budget), no further chunk is sent and the queued ones are cancelled;
+chunks already running finish and are reported.
 
 Answers are the same as with the local executor: they are keyed by request, and a backend whose batches sample
 with one seed drawn from their members (transformers) exposes ``batches(options, requests)``; a chunk is then
 made of whole batches, so the worker forms exactly the batches the local backend would.
 
-No ``address`` (and no ``RAY_ADDRESS``): seedtune starts a local Ray instance on this machine's CPUs and stops
-it when the run closes its models; with one, it joins that cluster and leaves it running.
+``ray_data_llm: true`` (vLLM only) sends the requests through Ray Data's own LLM processor instead, built once
+per executor (see :mod:`pipeline.run.executors.ray_llm`).
+
+No ``address`` (and no ``RAY_ADDRESS``): seedtune starts a local Ray instance on this machine and stops it when
+the executor closes; with one, it joins that cluster and leaves it running.
 """
 
 from __future__ import annotations
@@ -24,37 +33,40 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
 from pipeline.errors import MissingExtra
-from pipeline.models import RayOptions, backend_module, ray_runtime
+from pipeline.models import RayOptions, backend_module, capacity, ray_runtime, worker_gpus
 from pipeline.models.base import Backend, BackendUnavailable, ModelRequest, ModelResult, ResultSink, error_line
 
 log = logging.getLogger(__name__)
 
 RESULT = TypeAdapter(ModelResult)
-DEFAULT_CHUNK = 16
+IN_FLIGHT = 2  # chunks queued on one actor: the next one starts without waiting for the driver
+CLOSE_TIMEOUT_S = 60
 
 
 class ChunkWorker:
-    """A Ray Data actor: builds the backend once, then answers one chunk per row."""
+    """A Ray actor: builds the backend once, then answers one chunk per call for as long as the model is used."""
 
     def __init__(self, backend: str, options_json: str):
         _exit_with_parent()
         module = backend_module(backend)
         self.backend = module.create(module.Options.model_validate_json(options_json))
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {"results": [answer_chunk(self.backend, payload) for payload in batch["chunk"]]}
+    def ready(self) -> int:
+        """This worker's process id, once its backend is built."""
+        return os.getpid()
 
-    def __del__(self) -> None:
-        try:
-            self.backend.close()
-        except Exception:  # noqa: BLE001 - a worker going away closes best effort
-            pass
+    def answer(self, payload: str) -> str:
+        return answer_chunk(self.backend, payload)
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 def _exit_with_parent() -> None:
@@ -89,7 +101,7 @@ def read_results(payload: str) -> list[tuple]:
 
 
 def plan_chunks(backend: str, options: BaseModel, requests: Sequence[ModelRequest], size: int) -> list[list[int]]:
-    """Rows of at most ``size`` requests (more where one backend batch is larger), made of whole batches."""
+    """Chunks of at most ``size`` requests (more where one backend batch is larger), made of whole batches."""
     module = backend_module(backend)
     units = module.batches(options, requests) if hasattr(module, "batches") else [[i] for i in range(len(requests))]
     chunks: list[list[int]] = []
@@ -101,17 +113,14 @@ def plan_chunks(backend: str, options: BaseModel, requests: Sequence[ModelReques
     return chunks
 
 
-def default_chunk(options: BaseModel) -> int:
-    """Requests per row: enough to keep one worker's backend busy (its batch, its concurrency, its chunk)."""
-    for name in ("batch_size", "max_concurrency", "chunk_size"):
-        value = getattr(options, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_CHUNK
+def gpus_per_worker(backend: str, options: BaseModel, ray_options: RayOptions) -> float:
+    """The GPUs each actor reserves: as configured, else what one built backend needs."""
+    given = ray_options.num_gpus_per_worker
+    return worker_gpus(backend, options) if given is None else given
 
 
 class RayExecutor:
-    """A backend that runs another backend's requests on Ray Data workers."""
+    """A backend that runs another backend's requests on a pool of Ray actors, started once."""
 
     def __init__(self, backend: str, options: BaseModel, ray_options: RayOptions, local: Backend):
         self.backend_name = backend
@@ -120,6 +129,10 @@ class RayExecutor:
         self.local = local  # identity and check come from the backend itself: the executor never changes answers
         self._started_here = False
         self._ray: Any = None
+        self._actors: list[Any] = []
+        self._processor: Any = None
+        self.actor_starts = 0  # actors started (each built the backend once) since this executor was made
+        self.calls = 0  # generate calls with requests to send
 
     def identity(self) -> dict[str, Any]:
         return self.local.identity()
@@ -133,38 +146,128 @@ class RayExecutor:
         except Exception as e:  # noqa: BLE001 - e.g. no cluster at the address: one line
             raise BackendUnavailable(f"Ray: {error_line(e)}") from None
 
+    def stats(self) -> dict[str, Any]:
+        return {"executor": "ray", "ray_workers": self.ray_options.workers, "ray_actor_starts": self.actor_starts,
+                "ray_calls": self.calls}
+
     def _connect(self) -> Any:
         if self._ray is None:
             o = self.ray_options
-            self._ray, self._started_here = ray_runtime.connect(o.address, o.workers * o.num_cpus_per_worker,
-                                                                o.workers * o.num_gpus_per_worker)
+            # The machine's CPUs on top of the actors' own: a data stage that runs on the same instance while the
+            # actors wait for the model's next stage still finds CPUs to run on.
+            cpus = o.workers * o.num_cpus_per_worker + (os.cpu_count() or 2)
+            self._ray, self._started_here = ray_runtime.connect(
+                o.address, cpus, o.workers * gpus_per_worker(self.backend_name, self.options, o))
         return self._ray
+
+    def _pool(self) -> list[Any]:
+        """The actors, started (and their backends built) on the first call."""
+        if not self._actors:
+            ray, o = self._connect(), self.ray_options
+            worker = ray.remote(ChunkWorker).options(
+                num_cpus=o.num_cpus_per_worker, num_gpus=gpus_per_worker(self.backend_name, self.options, o),
+                max_restarts=0, max_concurrency=1)
+            started = time.perf_counter()
+            actors = [worker.remote(self.backend_name, self.options.model_dump_json()) for _ in range(o.workers)]
+            try:
+                pids = ray.get([a.ready.remote() for a in actors])
+            except ray.exceptions.RayError as e:
+                for a in actors:
+                    ray.kill(a)
+                raise RuntimeError(f"model {self.backend_name}: a Ray worker could not build it: "
+                                   f"{error_line(e)}") from None
+            self._actors = actors
+            self.actor_starts += len(actors)
+            log.info("model %s: %d Ray workers started in %.1f s (pids %s)", self.backend_name, len(actors),
+                     time.perf_counter() - started, ", ".join(map(str, pids)))
+        return self._actors
 
     def generate(self, requests: Sequence[ModelRequest], on_result: ResultSink, store: Any = None) -> None:
         if not requests:
             return
-        ray = self._connect()
+        self.calls += 1
         o = self.ray_options
-        chunks = plan_chunks(self.backend_name, self.options, requests, o.batch_size or default_chunk(self.options))
-        rows = [{"chunk": json.dumps([[i, requests[i].model_dump(mode="json")] for i in c])} for c in chunks]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        size = o.batch_size or capacity(self.backend_name, self.options)
+        chunks = plan_chunks(self.backend_name, self.options, requests, size)
+        payloads = [json.dumps([[i, requests[i].model_dump(mode="json")] for i in c]) for c in chunks]
         if o.ray_data_llm and self.backend_name == "vllm":
-            from pipeline.run.executors.ray_llm import vllm_processor
-
-            mapped = vllm_processor(ds, self.options, o)
+            self._generate_processor(payloads, on_result)
         else:
-            mapped = ds.map_batches(ChunkWorker, fn_constructor_args=(self.backend_name, self.options.model_dump_json()),
-                                    batch_size=1, concurrency=o.workers, num_cpus=o.num_cpus_per_worker,
-                                    num_gpus=o.num_gpus_per_worker or None, batch_format="default")
-        for row in mapped.iter_rows():
+            self._dispatch(deque(payloads), on_result)
+
+    def _dispatch(self, todo: deque[str], on_result: ResultSink) -> None:
+        """Keep up to ``IN_FLIGHT`` chunks on each actor; report each chunk as it completes."""
+        actors = self._pool()
+        ray = self._ray
+        pending: dict[Any, int] = {}  # object ref -> the actor answering it
+        load = [0] * len(actors)
+        sending = True
+        try:
+            while pending or (sending and todo):
+                while sending and todo:
+                    idx = min(range(len(actors)), key=load.__getitem__)
+                    if load[idx] >= IN_FLIGHT:
+                        break
+                    pending[actors[idx].answer.remote(todo.popleft())] = idx
+                    load[idx] += 1
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    load[pending.pop(ref)] -= 1
+                    try:
+                        payload = ray.get(ref)
+                    except ray.exceptions.TaskCancelledError:
+                        continue
+                    except ray.exceptions.RayActorError as e:
+                        self._drop_pool()
+                        raise RuntimeError(f"a Ray worker of model {self.backend_name} died: {error_line(e)}") from None
+                    if not on_result(read_results(payload)) and sending:
+                        sending = False  # the budget: queued chunks are cancelled, running ones still reported
+                        for queued in pending:
+                            ray.cancel(queued)
+        finally:
+            for ref in pending:  # an error or an interrupt: nothing queued outlives this call
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - cancelling is best effort
+                    pass
+
+    def _generate_processor(self, payloads: list[str], on_result: ResultSink) -> None:
+        ray = self._connect()
+        from pipeline.run.executors.ray_llm import run_processor, vllm_processor
+
+        if self._processor is None:
+            self._processor = vllm_processor(self.options, self.ray_options)
+        ds = ray.data.from_items([{"chunk": p} for p in payloads], override_num_blocks=len(payloads))
+        for row in run_processor(self._processor, ds).iter_rows():
             if not on_result(read_results(row["results"])):
                 return  # the budget: stop consuming; Ray stops the dataset, unreported answers are re-sent next run
+
+    def _drop_pool(self) -> None:
+        """Close each actor's backend (bounded) and end the actors."""
+        actors, self._actors = self._actors, []
+        if not actors:
+            return
+        ray = self._ray
+        try:
+            ray.get([a.close.remote() for a in actors], timeout=CLOSE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a dead or stuck worker is killed all the same
+            log.debug("closing the Ray workers failed", exc_info=True)
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     def close(self) -> None:
         try:
             self.local.close()
         finally:
-            if self._ray is not None and self._started_here:
-                ray_runtime.stop(self._ray)
-            self._ray = None
-            self._started_here = False
+            try:
+                if self._ray is not None:
+                    self._drop_pool()
+            finally:
+                self._processor = None
+                if self._ray is not None and self._started_here:
+                    ray_runtime.stop(self._ray)
+                self._ray = None
+                self._started_here = False

@@ -4,6 +4,9 @@ Thin by design: each chunk row of the executor becomes one row per request for t
 only: the processor applies the model's chat template), and each answered row comes back as a one-result chunk.
 It needs GPU workers and vLLM, so it runs only in bench/gpu_check.sh, never in the CPU tests; the default Ray path
 (seedtune's own vllm backend inside each actor) answers exactly as the local executor does and is tested.
+The processor is built once per executor, but Ray Data starts its engine actors anew for each dataset it runs,
+that is for each call (each round of a stage): it suits stages that send their requests in one call, while
+seedtune's own actors (the default) keep their engines from the model's first stage to its last.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def _result(row: dict[str, Any]) -> dict[str, Any]:
     return {"results": json.dumps([[int(row["index"]), result, None]])}
 
 
-def vllm_processor(ds: Any, options: Any, ray_options: Any) -> Any:
+def vllm_processor(options: Any, ray_options: Any) -> Any:
+    """The processor, built once per executor and applied to every call's dataset."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     engine = dict(dtype=options.dtype, tensor_parallel_size=options.tensor_parallel_size, seed=options.seed,
@@ -62,5 +66,8 @@ def vllm_processor(ds: Any, options: Any, ray_options: Any) -> Any:
     config = vLLMEngineProcessorConfig(model_source=resolve_model_path(options.model), engine_kwargs=engine,
                                        concurrency=ray_options.workers, batch_size=ray_options.batch_size or 64,
                                        should_continue_on_error=True)
-    processor = build_processor(config, postprocess=_result)
+    return build_processor(config, postprocess=_result)
+
+
+def run_processor(processor: Any, ds: Any) -> Any:
     return processor(ds.flat_map(_rows))  # the processor maps one row to one row

@@ -36,7 +36,9 @@ class Options(BaseModel):
     mode: Literal["self_instruct", "alpaca", "evol"] = "self_instruct"
     target: int = Field(100, ge=1)  # instructions that pass the online filters
     max_requests: int = Field(1000, ge=1)  # bootstrap (or alpaca) requests at most
-    batch_size: int = Field(8, ge=1)  # requests per round
+    # Requests per round; None: what the model runs at once (its backend's capacity, times its Ray workers),
+    # resolved when the config is loaded, so that the stage's fingerprint covers it.
+    batch_size: int | None = Field(None, ge=1)
     num_prompt_instructions: int = Field(8, ge=1)  # in-context instructions per bootstrap prompt
     num_machine_examples: int = Field(2, ge=0)  # of them from the machine pool once it holds this many
     bootstrap_style: Literal["completion", "chat"] = "completion"

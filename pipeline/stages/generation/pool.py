@@ -27,6 +27,7 @@ from pipeline.text.rouge import NearDuplicateIndex
 from pipeline.text.rules import check_instruction
 
 RAW_FILE = "raw_completions.jsonl"
+ROUND = 8  # requests per round for options built outside a config (a config resolves batch_size to the model's)
 LATE = "late:"  # journal state: request key -> the round its late answer joined
 
 
@@ -94,7 +95,8 @@ class Generation:
     def consider(self, instruction: str, prov: Provenance, instances: list[Instance] | None = None) -> Task | None:
         self.m["items_parsed"] += 1
         cand = Task(id=f"gen_{self.m['items_parsed'] - 1:06d}", instruction=instruction,
-                    instances=instances or [], source="generated", provenance=prov.model_copy(deep=True))
+                    instances=instances or [], source="generated",
+                    provenance=prov.model_copy(update={"extra": dict(prov.extra)}))  # only extra is ever changed
         if len(self.kept) >= self.o.target:
             self.ctx.reject(cand, "target_reached", f"the target of {self.o.target} instructions was reached")
             return None
@@ -129,7 +131,7 @@ Prompt = Callable[[random.Random], tuple[str, list[Task]]]
 def next_round(g: Generation, step: str, template: str, params: GenParams, chat: bool, prompt: Prompt) -> list[Item]:
     """The next round's requests: up to ``batch_size`` until ``max_requests``. Request i's prompt (its text and
     the tasks it shows) is drawn by ``prompt`` from a generator seeded by the run seed, the step and i alone."""
-    n = max(0, min(g.o.batch_size, g.o.max_requests - g.requests))
+    n = max(0, min(g.o.batch_size or ROUND, g.o.max_requests - g.requests))
     items = []
     for i in range(g.requests, g.requests + n):
         text, shown = prompt(random.Random(f"{g.ctx.seed}:{step}:{i}"))
