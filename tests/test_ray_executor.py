@@ -204,7 +204,11 @@ stages:
 
 def test_a_call_stopped_by_its_sink_leaves_the_same_workers_to_answer_the_next(tmp_path, monkeypatch):
     """In this process: a sink that says stop (the budget) ends the call after the chunks already running; the next
-    call is answered by the same worker (started once), each answer as the local backend gives it."""
+    call is answered by the same worker (started once), each answer as the local backend gives it. A second model
+    on the same Ray instance keeps working when the first one (which started Ray) is closed; closing the last
+    stops Ray."""
+    import ray
+
     from pipeline.models import RayOptions, testing
     from pipeline.models.base import ModelRequest
     from pipeline.run.executors.ray import RayExecutor
@@ -213,6 +217,7 @@ def test_a_call_stopped_by_its_sink_leaves_the_same_workers_to_answer_the_next(t
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     options = testing.Options(delay_s=0.02)
     executor = RayExecutor("test", options, RayOptions(workers=1, batch_size=2), testing.create(options))
+    other = RayExecutor("test", options, RayOptions(workers=1), testing.create(options))
     requests = [ModelRequest(prompt=f"Task {i}:", tag=f"t{i}") for i in range(40)]
     local: list[tuple] = []
     testing.create(options).generate(requests, lambda group: local.extend(group) or True)
@@ -224,5 +229,14 @@ def test_a_call_stopped_by_its_sink_leaves_the_same_workers_to_answer_the_next(t
         executor.generate(requests, lambda group: answered.extend(group) or True)
         assert sorted(answered, key=lambda t: t[0]) == local
         assert executor.stats() == {"executor": "ray", "ray_workers": 1, "ray_actor_starts": 1, "ray_calls": 2}
+        other.generate(requests[:2], lambda group: True)
+        executor.close()
+        assert ray.is_initialized()
+        again: list[tuple] = []
+        other.generate(requests, lambda group: again.extend(group) or True)
+        assert sorted(again, key=lambda t: t[0]) == local
+        other.close()
+        assert not ray.is_initialized()
     finally:
         executor.close()
+        other.close()

@@ -2,7 +2,8 @@
 
 Layout of a run directory (everything in it that seedtune writes; nothing else is touched)::
 
-    manifest.json       the config as given (no secrets), each stage's state and numbers, package versions
+    manifest.json       the config as given (no secrets), each stage's state and numbers, package versions,
+                        each model's executor counters (Ray actors started, calls)
     journal.sqlite      every model answer received (WAL), keyed by request; failures apart; small state
     seedtune.log        the log
     .lock               held by the run in progress (a second run on the folder stops at once)

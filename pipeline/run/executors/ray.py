@@ -23,7 +23,8 @@ made of whole batches, so the worker forms exactly the batches the local backend
 per executor (see :mod:`pipeline.run.executors.ray_llm`).
 
 No ``address`` (and no ``RAY_ADDRESS``): seedtune starts a local Ray instance on this machine and stops it when
-the executor closes; with one, it joins that cluster and leaves it running.
+the last executor of this process that uses it closes (two models on Ray share the instance, whichever started
+it); with one, it joins that cluster and leaves it running.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ log = logging.getLogger(__name__)
 RESULT = TypeAdapter(ModelResult)
 IN_FLIGHT = 2  # chunks queued on one actor: the next one starts without waiting for the driver
 CLOSE_TIMEOUT_S = 60
+
+
+class _Runtime:
+    """The Ray instance this process's executors share: stopped when the last of them closes, if one started it."""
+
+    users = 0
+    started = False
 
 
 class ChunkWorker:
@@ -127,7 +135,6 @@ class RayExecutor:
         self.options = options
         self.ray_options = ray_options
         self.local = local  # identity and check come from the backend itself: the executor never changes answers
-        self._started_here = False
         self._ray: Any = None
         self._actors: list[Any] = []
         self._processor: Any = None
@@ -156,8 +163,10 @@ class RayExecutor:
             # The machine's CPUs on top of the actors' own: a data stage that runs on the same instance while the
             # actors wait for the model's next stage still finds CPUs to run on.
             cpus = o.workers * o.num_cpus_per_worker + (os.cpu_count() or 2)
-            self._ray, self._started_here = ray_runtime.connect(
+            self._ray, started = ray_runtime.connect(
                 o.address, cpus, o.workers * gpus_per_worker(self.backend_name, self.options, o))
+            _Runtime.users += 1
+            _Runtime.started = _Runtime.started or started
         return self._ray
 
     def _pool(self) -> list[Any]:
@@ -267,7 +276,9 @@ class RayExecutor:
                     self._drop_pool()
             finally:
                 self._processor = None
-                if self._ray is not None and self._started_here:
-                    ray_runtime.stop(self._ray)
+                if self._ray is not None:
+                    _Runtime.users -= 1
+                    if _Runtime.users == 0 and _Runtime.started:
+                        _Runtime.started = False
+                        ray_runtime.stop(self._ray)
                 self._ray = None
-                self._started_here = False
