@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import UserError
 from pipeline.hashing import SECRET_KEY_RE, redact_secrets, strip_credentials_in_text
-from pipeline.models import COMMON_KEYS, BACKENDS, Budget, Price, RayOptions, backend_module
+from pipeline.models import COMMON_KEYS, BACKENDS, Budget, Price, RayOptions, backend_module, capacity, worker_gpus
 from pipeline.stages import STAGES, stage_module
 
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -280,6 +280,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         ray = _validate(RayOptions, mdata.get("ray") or {}, loc + ("ray",), where)
         rest = {k: v for k, v in mdata.items() if k not in COMMON_KEYS}
         options = _validate(backend_module(backend).Options, rest, loc, where)
+        need = worker_gpus(backend, options)
+        if executor == "ray" and ray.num_gpus_per_worker is not None and ray.num_gpus_per_worker < need:
+            fail(loc + ("ray", "num_gpus_per_worker"), f"{ray.num_gpus_per_worker:g} GPUs per worker, but each "
+                 f"worker builds one {backend} backend, which needs {need:g} (leave it out to reserve that)")
         models[mname] = ModelSpec(mname, backend, options, price, budget, executor, ray)  # type: ignore[arg-type]
 
     stages: list[StageSpec] = []
@@ -299,12 +303,32 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         options = _validate(stage_module(kind, table).Options, sdata, loc, where)
         for used in stage_models(stage_module(kind, table), options):
             if used not in models:
-                fail(loc + ("model",), f"no model named '{used}' under models: ({', '.join(models) or 'none defined'})")
+                fail(loc + _path_to(sdata, used), f"no model named '{used}' under models: "
+                                                  f"({', '.join(models) or 'none defined'})")
+        if hasattr(stage_module(kind, table), "resolve"):  # defaults that depend on the models (a round's size)
+            options = stage_module(kind, table).resolve(options, lambda m: model_capacity(models[m]))
         stages.append(StageSpec(sname, kind, options))
 
     run_dir = Path(top.run_dir) if top.run_dir else Path("runs") / top.name
     return Config(path=path, name=top.name, run_dir=run_dir, seed=top.seed, models=models, stages=stages,
                   as_given=as_given, overrides=overrides)
+
+
+def model_capacity(spec: ModelSpec) -> int:
+    """Requests a model runs at once: its backend's capacity, times its workers on Ray."""
+    return capacity(spec.backend, spec.options) * (spec.ray.workers if spec.executor == "ray" else 1)
+
+
+def _path_to(data: Any, value: str) -> tuple:
+    """The keys leading to ``value`` in a stage's options as given (a model named under ``evaluation.judge``)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if v == value:
+                return (k,)
+            sub = _path_to(v, value)
+            if sub:
+                return (k, *sub)
+    return ()
 
 
 def stage_models(module: Any, options: BaseModel) -> list[str]:
