@@ -384,3 +384,12 @@ def test_minhash_decisions_for_a_whole_set_are_the_index_decisions_record_by_rec
     got = decide([tokenize(x) for x in texts], t, fixed=seeds)
     assert {n: got.get(n, Decision(True, 0.0, None)) for n in expected} == expected
     assert sum(not d.kept for d in expected.values()) > 300 and len(got) < len(expected)
+
+
+def test_dedup_on_ray_runs_minhash_mode_only():
+    from pydantic import ValidationError
+
+    assert dedup.Options(mode="minhash", executor="ray").executor == "ray"
+    for mode in ("exact", "embedding"):
+        with pytest.raises(ValidationError, match="minhash only"):
+            dedup.Options(mode=mode, executor="ray")

@@ -104,8 +104,8 @@ def run(ctx: StageContext) -> None:
     if o.executor == "ray":
         from pipeline.stages import on_ray
 
-        with on_ray.session(o.ray) as ray:
-            verdicts = on_ray.map_tasks(ray, o.ray, ctx.previous().dir / RECORDS_FILE, judge, (o, ev))
+        with on_ray.session(o.ray) as rs:
+            verdicts = on_ray.map_tasks(rs, o.ray, ctx.previous().dir / RECORDS_FILE, judge, (o, ev))
             _write(ctx, verdicts, ev)
     else:
         _write(ctx, ((task, overlap(task, o, ev)) for task in ctx.read_records()), ev)

@@ -278,8 +278,8 @@ def minhash_on_ray(ctx: StageContext, o: Options, seeds_in: StageInput | None) -
     from pipeline.stages import on_ray
 
     on, t, source = compared(ctx, o), threshold(o), ctx.previous()
-    with on_ray.session(o.ray) as ray:
-        d = on_ray.minhash_dedup(ray, o.ray, seeds_in, source, on, t, o.num_perm, o.bands, o.exact_duplicates)
+    with on_ray.session(o.ray) as rs:
+        d = on_ray.minhash_dedup(rs, o.ray, seeds_in, source, on, t, o.num_perm, o.bands, o.exact_duplicates)
     for n, task in on_ray.records_at(source.dir / RECORDS_FILE, sorted(d.exact)):
         ctx.reject(task, "exact_duplicate", f"the same normalised instruction and input as {d.exact[n]}")
     what = "instruction and input" if on == "instruction_input" else "instruction"

@@ -175,8 +175,8 @@ def run_on_ray(ctx: StageContext, o: Options, rules: Rules) -> None:
                 counts[1] += len(task.instances)
                 yield task
 
-    with on_ray.session(o.ray) as ray:
-        ctx.write_records(kept(on_ray.map_tasks(ray, o.ray, source, judge, (rules,))))
+    with on_ray.session(o.ray) as rs:
+        ctx.write_records(kept(on_ray.map_tasks(rs, o.ray, source, judge, (rules,))))
     _finish(ctx, rules, *counts)
 
 
