@@ -15,7 +15,9 @@ exact ROUGE-L F1 (> 0.7); the libraries are used as their documentation shows, a
 (datatrove: its clusters of colliding records, one kept from each; SHA-1 shingle hashes, as its xxhash path
 fails with the current xxhash package).
 Rows: ``stage`` is the dedup stage as a user runs it (read records.jsonl, decide, write records.jsonl and
-rejected.jsonl; on Ray including starting Ray); ``index`` is the decisions alone on pre-tokenised text.
+rejected.jsonl; on Ray including starting Ray); ``index`` is the decisions alone on pre-tokenised text;
+``exact`` rows run the stage's default mode instead (ROUGE-L for every pair that could exceed the threshold, no
+MinHash), in one process and on Ray.
 Records/s, peak RSS of the process (on Ray: of the seedtune process; its workers are other processes),
 recall and precision on the planted duplicates. Each method runs in its own process.
 
@@ -40,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 NUM_PERM, BANDS, THRESHOLD = 256, 64, 0.7
-METHODS = ["seedtune-stage", "seedtune-ray-stage", "seedtune-index", "datasketch", "rensa", "datatrove"]
+METHODS = ["seedtune-stage", "seedtune-ray-stage", "seedtune-index", "datasketch", "rensa", "datatrove",
+           "seedtune-exact-stage", "seedtune-exact-ray-stage"]
 
 
 def corpus(n: int, seed: int = 0) -> tuple[list[dict], dict[int, int]]:
@@ -99,13 +102,13 @@ def tokens(path: Path) -> list[list[str]]:
         return [tokenize(json.loads(line)["instruction"]) for line in f]
 
 
-def run_stage(folder: Path, executor: str) -> set[int]:
+def run_stage(folder: Path, executor: str, mode: str = "minhash") -> set[int]:
     from pipeline.stages import dedup
     from pipeline.stages.context import StageContext, StageInput
 
     out = Path(tempfile.mkdtemp(dir=folder))
     ctx = StageContext(name="dedup", kind="dedup", seed=0, run_dir=folder, out_dir=out, scratch_dir=out,
-                       options=dedup.Options(mode="minhash", num_perm=NUM_PERM, bands=BANDS, executor=executor,
+                       options=dedup.Options(mode=mode, num_perm=NUM_PERM, bands=BANDS, executor=executor,
                                              ray={"workers": 2, "chunk_records": 20_000}),
                        inputs=[StageInput("generate", "generate", folder)], get_model=lambda n: None,
                        log=logging.getLogger("bench"), show_progress=False)
@@ -197,7 +200,7 @@ def child(method: str, folder: Path) -> None:
     gc.disable()  # as the dedup stage does: millions of live objects make each collector pass slow, for all
     if method.startswith("seedtune") and method.endswith("stage"):
         t = time.perf_counter()
-        dups = run_stage(folder, "ray" if "ray" in method else "local")
+        dups = run_stage(folder, "ray" if "ray" in method else "local", "exact" if "exact" in method else "minhash")
     elif method == "datatrove":
         t = time.perf_counter()
         dups = run_datatrove(folder)
@@ -230,13 +233,13 @@ def main() -> None:
             del recs
             print(f"\n{n:,} records: {len(dup_truth):,} planted near-duplicates, "
                   f"{len(planted) - len(dup_truth):,} hard negatives")
-            print(f"{'method':<22}{'seconds':>9}{'records/s':>11}{'peak RSS MB':>13}{'recall':>8}{'precision':>11}"
+            print(f"{'method':<26}{'seconds':>9}{'records/s':>11}{'peak RSS MB':>13}{'recall':>8}{'precision':>11}"
                   f"{'x datasketch':>14}")
             rows = {}
             for m in methods:
                 r = subprocess.run([sys.executable, __file__, "--child", m, tmp], capture_output=True, text=True)
                 if r.returncode:
-                    print(f"{m:<22} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+                    print(f"{m:<26} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
                     continue
                 res = json.loads(r.stdout.strip().splitlines()[-1])
                 dups = set(res["dups"])
@@ -245,7 +248,7 @@ def main() -> None:
             base = rows.get("datasketch", (None,))[0]
             for m, (s, rss, rec, prec) in rows.items():
                 ratio = f"{base / s:>13.2f}x" if base else ""
-                print(f"{m:<22}{s:>9.1f}{n / s:>11,.0f}{rss:>13,.0f}{rec:>8.4f}{prec:>11.4f}{ratio}", flush=True)
+                print(f"{m:<26}{s:>9.1f}{n / s:>11,.0f}{rss:>13,.0f}{rec:>8.4f}{prec:>11.4f}{ratio}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""``executor: ray`` on the data stages: ``filter``, ``dedup`` (MinHash) and ``decontaminate`` write byte for
-byte the files of the one-process mode on a few thousand records with planted defects and near-duplicates; a
-driver killed (SIGKILL) during the Ray dedup stage and run again writes them too, and leaves no Ray process."""
+"""``executor: ray`` on the data stages: ``filter``, ``dedup`` (MinHash and exact mode) and ``decontaminate``
+write byte for byte the files of the one-process mode on a few thousand records with planted defects and
+near-duplicates (exact mode also against the seeds, on compared inputs with a shared preamble, on Evol rewrites
+and with ``exact_nearest``); a driver killed (SIGKILL) during the Ray dedup stage and run again writes them too,
+and leaves no Ray process."""
 
 import json
 import random
@@ -12,7 +14,7 @@ import pytest
 from test_filter_dedup_stages import as_task, defect_records, run_stage, stage_dir, write_eval_sets
 from test_ray_executor import Driver, ray_processes, wait_ray_gone
 
-from pipeline.records import Instance, Task, write_jsonl
+from pipeline.records import Instance, Provenance, Task, read_jsonl, write_jsonl
 from pipeline.stages import decontaminate, dedup
 from pipeline.stages import filter as filter_stage
 from pipeline.stages.context import REJECTED_FILE
@@ -61,6 +63,42 @@ def corpus(n: int, seed: int = 7) -> list[Task]:
     return out
 
 
+PREAMBLE = ("You can use the calculator tool, which takes an arithmetic expression and returns its value; call it "
+             "by writing the expression between brackets and wait for its answer before you go on.")
+
+
+def corpus_with_inputs(n: int, seed: int = 11) -> list[Task]:
+    """``n`` tasks with inputs, for a file being cleaned (instruction and input compared): a third open with
+    the same tool description (shared text), and later records repeat an earlier one with its input changed
+    (another task), with one word of the input changed (a near-duplicate), as an exact copy, or as an Evol
+    rewrite of it (a longer instruction, never a duplicate of its parent)."""
+    rng = random.Random(seed)
+    out: list[Task] = []
+    for k in range(n):
+        r = rng.random()
+        if out and r < 0.4:
+            base = rng.choice(out)
+            ins, inp = base.instruction, base.instances[0].input
+            extra: dict = {}
+            if r < 0.1:
+                inp = " ".join(rng.sample(WORDS, 6))
+            elif r < 0.2 and inp:
+                words = inp.split()
+                words[rng.randrange(len(words))] = rng.choice(WORDS)
+                inp = " ".join(words)
+            elif r < 0.3:
+                extra = {"evol_parent": ins}
+                ins = f"{ins} Also name the {rng.choice(WORDS)}."
+        else:
+            ins = f"{rng.choice(VERBS)} the {' and the '.join(rng.sample(WORDS, rng.randint(2, 4)))}."
+            if rng.random() < 0.33:
+                ins = f"{PREAMBLE} {ins}"
+            inp = " ".join(rng.sample(WORDS, 6)) if rng.random() < 0.8 else ""
+        out.append(Task(id=f"i{k}", instruction=ins, instances=[Instance(input=inp, output="It is.")],
+                        provenance=Provenance(extra=extra) if out and r < 0.4 and extra else None))
+    return out
+
+
 def outputs(out_dir: Path) -> tuple[bytes, bytes]:
     rej = out_dir / REJECTED_FILE
     return (out_dir / "records.jsonl").read_bytes(), rej.read_bytes() if rej.exists() else b""
@@ -88,15 +126,38 @@ def test_filter_dedup_and_decontaminate_on_ray_match_the_local_files(tmp_path):
                                  [seeds_in, generated])
             _, _, cs = run_stage(base, decontaminate, decontaminate.Options(eval_sets=[str(user)], **extra),
                                  [generated])
+            # exact mode: against the seeds; and on a file being cleaned (inputs compared, shared text, Evol)
+            _, _, xs = run_stage(base, dedup, dedup.Options(mode="exact", **extra), [seeds_in, generated],
+                                 name="dedup_exact")
+            cleaned = stage_dir(base, "cleaned", corpus_with_inputs(1200))
+            _, _, ws = run_stage(base, dedup, dedup.Options(mode="exact", exact_nearest=True, **extra), [cleaned],
+                                 name="dedup_inputs")
+            stats = (("filter", fs), ("dedup", ds), ("decontaminate", cs), ("dedup_exact", xs),
+                     ("dedup_inputs", ws))
             if executor == "local":
-                local = {s: (st.as_dict(), outputs(base / f"out_{s}"))
-                         for s, st in (("filter", fs), ("dedup", ds), ("decontaminate", cs))}
+                local = {s: (st.as_dict(), outputs(base / f"out_{s}")) for s, st in stats}
                 assert ds.rejected["exact_duplicate"] > 100 and ds.rejected["rouge_near_duplicate"] > 100
                 assert fs.rejected and fs.metrics["languages"] == ["en"] and cs.rejected
-        for s, st in (("filter", fs), ("dedup", ds), ("decontaminate", cs)):
+                exact_mode_covers_the_cases(base, xs, ws, len(seeds))
+        for s, st in stats:
             assert (st.as_dict(), outputs(tmp_path / "ray" / f"out_{s}")) == local[s], s
     finally:
         ray.shutdown()
+
+
+def exact_mode_covers_the_cases(base: Path, xs, ws, seeds: int) -> None:
+    """What the local exact-mode runs decided reaches every case the Ray path must reproduce."""
+    assert xs.rejected["exact_duplicate"] > 100 and xs.rejected["rouge_near_duplicate"] > 100
+    assert xs.metrics["pool_seeds"] == seeds and xs.metrics["compared"] == "instruction"
+    rejected = [json.loads(line) for line in (base / "out_dedup_exact" / REJECTED_FILE).read_text().splitlines()]
+    assert any(r["record"]["meta"].get("rouge_nearest", "").startswith("s") for r in rejected)  # a seed
+    kept = list(read_jsonl(base / "out_dedup_exact" / "records.jsonl", Task))
+    assert sum(0 < t.meta["rouge_score"] <= 0.7 for t in kept) > 100  # the best candidate of a kept record
+    assert ws.rejected["exact_duplicate"] > 20 and ws.rejected["rouge_near_duplicate"] > 20
+    assert ws.metrics["compared"] == "instruction_input" and ws.metrics["shared_text"]["records"] > 100
+    kept = list(read_jsonl(base / "out_dedup_inputs" / "records.jsonl", Task))
+    assert sum(t.provenance is not None and t.meta["rouge_score"] > 0.7 for t in kept) > 20  # Evol, kept
+    assert sum(t.meta["rouge_score"] == 1.0 for t in kept) > 20  # the same instruction, another input
 
 
 def raylet_running(tmpdir: str) -> bool:

@@ -9,7 +9,11 @@
      (:class:`pipeline.text.rouge.NearDuplicateIndex`). Every rejection carries its exact nearest kept
      instruction and score (``meta.rouge_nearest``, ``meta.rouge_score``); a kept record carries the best
      among the items that could have come close (0.0/None when none could), or with ``exact_nearest: true``
-     the exact nearest of the whole pool (a full search: several times slower than the decisions).
+     the exact nearest of the whole pool (a full search: several times slower than the decisions). The pass
+     runs on tokens (:func:`pipeline.text.rouge_pass.greedy`); with ``executor: ray`` Ray Data workers read,
+     parse and tokenize the records and hash the exact-duplicate keys, and this process runs the same pass
+     (:mod:`pipeline.stages.on_ray_exact`): the same decisions, nearest and scores, and the same files, for
+     every option (seeds, ``rouge_on``, ``shared_text``, Evol parents, ``exact_nearest``).
    - ``mode: minhash``: MinHash-LSH with exact verification for pools far beyond a million records (it can
      miss a near-duplicate, never invent one). With ``executor: ray`` the signatures, band grouping and
      verification run on Ray Data (:mod:`pipeline.stages.on_ray`), with the same decisions and files.
@@ -25,6 +29,7 @@ itself only: the seeds are the data, not a pool to compare against.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable, Hashable
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -34,9 +39,8 @@ from pipeline.models.encoder import DEFAULT_ENCODER
 from pipeline.records import Task
 from pipeline.stages.context import RECORDS_FILE, StageContext, StageInput
 from pipeline.stages.on_ray import DataRayOptions
-from pipeline.text.rouge import NearDuplicateIndex, rouge_l_f1, tokenize
-from pipeline.text.shared import N as N_SHARED
-from pipeline.text.shared import SharedText
+from pipeline.text.rouge import tokenize
+from pipeline.text.rouge_pass import Item, greedy
 
 ROUGE_THRESHOLD = 0.7
 # Chosen on tests/data/paraphrase_pairs.jsonl (36 paraphrase pairs and 36 pairs of different tasks on the
@@ -66,13 +70,13 @@ class Options(BaseModel):
     device: str = "cpu"
     batch_size: int = Field(64, ge=1)  # embedding: texts per encoder batch
     max_length: int = Field(256, ge=8)  # embedding: tokens per text
-    executor: Literal["local", "ray"] = "local"  # ray: minhash mode on Ray Data (the same decisions)
+    executor: Literal["local", "ray"] = "local"  # ray: exact or minhash mode on Ray Data (the same decisions)
     ray: DataRayOptions = Field(default_factory=DataRayOptions)
 
     @model_validator(mode="after")
     def _ray_mode(self) -> Options:
-        if self.executor == "ray" and self.mode != "minhash":
-            raise ValueError("executor: ray runs mode: minhash only")
+        if self.executor == "ray" and self.mode == "embedding":
+            raise ValueError("executor: ray runs mode: exact and mode: minhash, not mode: embedding")
         return self
 
 
@@ -93,10 +97,6 @@ def identity(options: Options) -> dict[str, Any]:
 
 def normalise(text: str) -> str:
     return " ".join(text.lower().split())
-
-
-def _index(o: Options) -> NearDuplicateIndex:
-    return NearDuplicateIndex(threshold(o))
 
 
 def compared_text(task: Task, on: str) -> str:
@@ -148,46 +148,37 @@ def _evol_parent(task: Task) -> str | None:
     return ((task.provenance.extra if task.provenance else {}) or {}).get("evol_parent")
 
 
+def rouge_item(task: Task, with_input: bool, key: Callable[[str], Hashable] = normalise) -> Item:
+    """What ``mode: exact`` compares of a record: its tokens, and ``key`` of its normalised instruction and of
+    its Evol parent's (the text itself here; a digest where it travels from a Ray worker)."""
+    parent = _evol_parent(task)
+    return Item(task.id, tokenize(task.instruction), tokenize(_first_input(task)) if with_input else None,
+                key(task.instruction), key(parent) if parent else None)
+
+
+def near_reason(score: float, t: float, nearest: str | None, on: str) -> str:
+    what = "instruction and input" if on == "instruction_input" else "instruction"
+    return f"ROUGE-L {score:.3f} > {t} with {nearest} ({what})"
+
+
 def rouge_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], tasks: list[Task], on: str) -> list[Task]:
-    """``mode: exact``: the greedy ROUGE-L decisions on each record's instruction — without the text many records share — and,
-    with ``on == "instruction_input"``, a near-duplicate's input must be near too (or both empty). An Evol
-    rewrite is never a duplicate of the instruction it was evolved from."""
-    index, t = _index(o), threshold(o)
-    with_input = on == "instruction_input"
-    ins = {x.id: tokenize(x.instruction) for x in seeds + tasks}
-    shared_ins = SharedText.find([ins[x.id] for x in tasks]) if o.shared_text else SharedText()
-    inp = {x.id: tokenize(_first_input(x)) for x in seeds + tasks} if with_input else {}
-    shared_inp = SharedText.find([inp[x.id] for x in tasks]) if with_input and o.shared_text else SharedText()
-    if with_input:
-        inp = {k: shared_inp.strip(v) for k, v in inp.items()}
-    by_text: dict[str, list[str]] = {}  # normalised instruction -> ids in the pool (an Evol rewrite's parent)
-    evolved = any(_evol_parent(x) for x in tasks)
-    for seed in seeds:
-        index.add(seed.instruction, seed.id, tokens=shared_ins.strip(ins[seed.id]))
-        if evolved:
-            by_text.setdefault(normalise(seed.instruction), []).append(seed.id)
+    """``mode: exact``: the greedy ROUGE-L decisions on each record's instruction — without the text many
+    records share — and, with ``on == "instruction_input"``, a near-duplicate's input must be near too (or both
+    empty). An Evol rewrite is never a duplicate of the instruction it was evolved from
+    (:func:`pipeline.text.rouge_pass.greedy`)."""
+    t, with_input = threshold(o), on == "instruction_input"
+    decided, shared = greedy([rouge_item(x, with_input) for x in seeds], [rouge_item(x, with_input) for x in tasks],
+                             t, with_input, o.shared_text, o.exact_nearest)
     out = []
-    for task in tasks:
-        accept = _acceptor(task, inp, by_text, t) if (with_input or _evol_parent(task)) else None
-        tokens = shared_ins.strip(ins[task.id])
-        d = index.check_and_add(task.instruction, task.id, exact_nearest=o.exact_nearest, accept=accept,
-                                tokens=tokens)
+    for task, d in zip(tasks, decided):
         task.meta["rouge_nearest"], task.meta["rouge_score"] = d.nearest, round(d.score, 6)
         if not d.kept:
-            what = "instruction and input" if with_input else "instruction"
-            ctx.reject(task, "rouge_near_duplicate", f"ROUGE-L {d.score:.3f} > {t} with {d.nearest} ({what})")
+            ctx.reject(task, "rouge_near_duplicate", near_reason(d.score, t, d.nearest, on))
             continue
-        if evolved:
-            by_text.setdefault(normalise(task.instruction), []).append(task.id)
         out.append(task)
     ctx.stats.metrics["compared"] = on
-    if shared_ins.records or shared_inp.records:
-        ctx.stats.metrics["shared_text"] = {
-            "ngram_tokens": N_SHARED, "instruction_ngrams": len(shared_ins.ngrams) + len(shared_ins.long_ngrams),
-            "input_ngrams": len(shared_inp.ngrams) + len(shared_inp.long_ngrams),
-            "records": shared_ins.records + shared_inp.records,
-            "tokens_left_out": shared_ins.tokens + shared_inp.tokens,
-            "examples": shared_ins.examples() + shared_inp.examples()}
+    if shared:
+        ctx.stats.metrics["shared_text"] = shared
     return out
 
 
@@ -199,38 +190,17 @@ def minhash_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], ta
 
     t, pool = threshold(o), seeds + tasks
     decided = decide([tokenize(compared_text(x, on)) for x in pool], t, o.num_perm, o.bands, fixed=len(seeds))
-    what = "instruction and input" if on == "instruction_input" else "instruction"
     out = []
     for n, task in enumerate(tasks, start=len(seeds)):
         d = decided.get(n)
         score, nearest = (d.score, pool[int(d.nearest)].id if d.nearest is not None else None) if d else (0.0, None)
         task.meta["rouge_nearest"], task.meta["rouge_score"] = nearest, round(score, 6)
         if d and not d.kept:
-            ctx.reject(task, "rouge_near_duplicate", f"ROUGE-L {score:.3f} > {t} with {nearest} ({what})")
+            ctx.reject(task, "rouge_near_duplicate", near_reason(score, t, nearest, on))
             continue
         out.append(task)
     ctx.stats.metrics["compared"] = on
     return out
-
-
-def _acceptor(task: Task, inp: dict[str, list[str]], by_text: dict[str, list[str]], t: float):
-    """Whether a kept item close in instruction makes ``task`` a duplicate: not its Evol parent; with inputs
-    compared, only when the inputs are near too (or both empty)."""
-    parent = _evol_parent(task)
-    parents = set(by_text.get(normalise(parent), [])) if parent else set()
-    mine = inp.get(task.id)
-
-    def accept(key: str) -> bool:
-        if key in parents:
-            return False
-        if mine is None:
-            return True
-        theirs = inp[key]
-        if not mine or not theirs:
-            return not mine and not theirs
-        return rouge_l_f1(mine, theirs) > t
-
-    return accept
 
 
 def embedding_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], tasks: list[Task],
@@ -272,18 +242,24 @@ def run(ctx: StageContext) -> None:
         _run(ctx)
 
 
-def minhash_on_ray(ctx: StageContext, o: Options, seeds_in: StageInput | None) -> None:
-    """``mode: minhash`` with ``executor: ray``: the decisions made on Ray, then the input streamed and written
-    as the one-process mode writes it (exact duplicates first, then each record with its nearest)."""
-    from pipeline.stages import on_ray
+def dedup_on_ray(ctx: StageContext, o: Options, seeds_in: StageInput | None) -> None:
+    """``executor: ray`` (exact or MinHash mode): the decisions made on Ray, then the input streamed and
+    written as the one-process mode writes it (exact duplicates first, then each record with its nearest)."""
+    from pipeline.stages import on_ray, on_ray_exact
 
     on, t, source = compared(ctx, o), threshold(o), ctx.previous()
+    shared: dict[str, Any] = {}
     with on_ray.session(o.ray) as rs:
-        d = on_ray.minhash_dedup(rs, o.ray, seeds_in, source, on, t, o.num_perm, o.bands, o.exact_duplicates)
+        if o.mode == "exact":
+            d, shared = on_ray_exact.rouge_dedup(rs, o.ray, seeds_in, source, on, t, o.exact_duplicates,
+                                                 o.shared_text, o.exact_nearest)
+        else:
+            d = on_ray.minhash_dedup(rs, o.ray, seeds_in, source, on, t, o.num_perm, o.bands, o.exact_duplicates)
     for n, task in on_ray.records_at(source.dir / RECORDS_FILE, sorted(d.exact)):
         ctx.reject(task, "exact_duplicate", f"the same normalised instruction and input as {d.exact[n]}")
-    what = "instruction and input" if on == "instruction_input" else "instruction"
     ctx.stats.metrics["compared"] = on
+    if shared:
+        ctx.stats.metrics["shared_text"] = shared
     instances = 0
 
     def kept():
@@ -295,7 +271,7 @@ def minhash_on_ray(ctx: StageContext, o: Options, seeds_in: StageInput | None) -
             keep, score, nearest = d.near.get(n, (True, 0.0, None))
             task.meta["rouge_nearest"], task.meta["rouge_score"] = nearest, round(score, 6)
             if not keep:
-                ctx.reject(task, "rouge_near_duplicate", f"ROUGE-L {score:.3f} > {t} with {nearest} ({what})")
+                ctx.reject(task, "rouge_near_duplicate", near_reason(score, t, nearest, on))
                 continue
             instances += len(task.instances)
             yield task
@@ -308,7 +284,7 @@ def _run(ctx: StageContext) -> None:
     o: Options = ctx.options
     seeds_in = seed_pool(ctx, o)
     if o.executor == "ray":
-        return minhash_on_ray(ctx, o, seeds_in)
+        return dedup_on_ray(ctx, o, seeds_in)
     seeds = list(ctx.read_records(seeds_in)) if seeds_in is not None else []
     tasks = list(ctx.read_records(ctx.previous()))
     ctx.stats.rows_in = len(tasks)

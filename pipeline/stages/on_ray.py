@@ -1,4 +1,5 @@
-"""The data stages (``filter``, ``dedup`` in MinHash mode, ``decontaminate``) with ``executor: ray``.
+"""The data stages (``filter``, ``dedup`` in MinHash mode, ``decontaminate``) with ``executor: ray``
+(``dedup``'s exact mode: :mod:`pipeline.stages.on_ray_exact`).
 
 The stage's input files are cut into byte ranges of ``chunk_records`` records; Ray Data workers read their
 ranges themselves (the run folder must be reachable at the same path from every node: a local instance, or a
@@ -264,7 +265,8 @@ class _Tokens:
 @dataclass
 class MinHashDecisions:
     """What the greedy pass decided: exact duplicates (task number -> id of the first), and for every task
-    that shares a band key with another, (kept, best F1, nearest id); any other task is kept with (0.0, None)."""
+    that shares a band key with another, (kept, best F1, nearest id); any other task is kept with (0.0, None).
+    Exact mode on Ray returns one too, with a decision for every task that is no exact duplicate."""
 
     exact: dict[int, str]
     near: dict[int, tuple[bool, float, str | None]]
