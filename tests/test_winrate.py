@@ -211,3 +211,12 @@ def _check_resume(srv, run, config, state, fail_tuned_first):
     assert main(["run", config(srv.url), "--no-progress"]) == 0
     assert len(srv.log) == 40  # only the 8 that failed
     assert json.loads((run / "evaluate" / "results.json").read_text())["win_rate"]["win_rate"] == win["win_rate"]
+
+
+def test_the_prompts_own_answer_form_copied_is_no_verdict():
+    # a small judge often copies the form it was shown: that must never count as a vote for one position
+    from pipeline.text.templates import template_file
+
+    form = next(line for line in template_file("judge/pairwise.j2").read_text().splitlines()
+                if line.startswith('{"reason"'))
+    assert winrate.parse_verdict(form) is None
