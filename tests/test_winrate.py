@@ -151,7 +151,7 @@ def _generations(run) -> dict:
     return out
 
 
-def test_evaluate_judges_both_orders_resumes_and_never_asks_twice(eval_run, monkeypatch):
+def test_evaluate_judges_both_orders_resumes_and_never_asks_twice(eval_run, monkeypatch, capsys):
     monkeypatch.setenv("NO_KEY", "x")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run, config = eval_run
@@ -162,10 +162,10 @@ def test_evaluate_judges_both_orders_resumes_and_never_asks_twice(eval_run, monk
         return "500" if _is_tuned_first(body, state["generations"]) else None
 
     with FakeOpenAI(answer=_judge_answer) as srv:  # one server (its URL is part of the judge's identity)
-        _check_resume(srv, run, config, state, fail_tuned_first)
+        _check_resume(srv, run, config, state, fail_tuned_first, capsys)
 
 
-def _check_resume(srv, run, config, state, fail_tuned_first):
+def _check_resume(srv, run, config, state, fail_tuned_first, capsys):
     from pipeline.cli import main
 
     code = main(["run", config(srv.url), "--no-progress"])
@@ -189,6 +189,9 @@ def _check_resume(srv, run, config, state, fail_tuned_first):
     assert "Judged win rate of the tuned model" in (run / "evaluate" / "README.md").read_text()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["evaluate"]["metrics"]["evaluation"]["win_rate"]["win_rate"] == win["win_rate"]
+    capsys.readouterr()
+    assert main(["status", str(run)]) == 0
+    assert f"judged win rate of the tuned model {win['win_rate']:.3f}" in capsys.readouterr().out
 
     # a changed option recomputes the stage: every judgement comes from the journal, none is paid twice
     srv.answer = lambda body: "not a verdict"
