@@ -99,6 +99,15 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def exact_text(task: Task) -> str:
+    """What makes two records exact duplicates: the normalised instruction and inputs."""
+    return normalise("\n".join([task.instruction] + [i.input for i in task.instances]))
+
+
+def exact_reason(first: str) -> str:
+    return f"the same normalised instruction and input as {first}"
+
+
 def compared_text(task: Task, on: str) -> str:
     if on == "instruction_input" and task.instances and task.instances[0].input:
         return f"{task.instruction}\n{task.instances[0].input}"
@@ -131,9 +140,9 @@ def drop_exact_duplicates(ctx: StageContext, tasks: list[Task]) -> list[Task]:
     seen: dict[str, str] = {}
     out = []
     for task in tasks:
-        key = normalise("\n".join([task.instruction] + [i.input for i in task.instances]))
+        key = exact_text(task)
         if key in seen:
-            ctx.reject(task, "exact_duplicate", f"the same normalised instruction and input as {seen[key]}")
+            ctx.reject(task, "exact_duplicate", exact_reason(seen[key]))
             continue
         seen[key] = task.id
         out.append(task)
@@ -156,9 +165,15 @@ def rouge_item(task: Task, with_input: bool, key: Callable[[str], Hashable] = no
                 key(task.instruction), key(parent) if parent else None)
 
 
-def near_reason(score: float, t: float, nearest: str | None, on: str) -> str:
-    what = "instruction and input" if on == "instruction_input" else "instruction"
-    return f"ROUGE-L {score:.3f} > {t} with {nearest} ({what})"
+def keep_near(ctx: StageContext, task: Task, kept: bool, score: float, nearest: str | None, t: float,
+              on: str) -> bool:
+    """Record a ROUGE-L decision on the task (its nearest and score); reject it when it is a near-duplicate.
+    True when the task is kept."""
+    task.meta["rouge_nearest"], task.meta["rouge_score"] = nearest, round(score, 6)
+    if not kept:
+        what = "instruction and input" if on == "instruction_input" else "instruction"
+        ctx.reject(task, "rouge_near_duplicate", f"ROUGE-L {score:.3f} > {t} with {nearest} ({what})")
+    return kept
 
 
 def rouge_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], tasks: list[Task], on: str) -> list[Task]:
@@ -169,13 +184,7 @@ def rouge_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], task
     t, with_input = threshold(o), on == "instruction_input"
     decided, shared = greedy([rouge_item(x, with_input) for x in seeds], [rouge_item(x, with_input) for x in tasks],
                              t, with_input, o.shared_text, o.exact_nearest)
-    out = []
-    for task, d in zip(tasks, decided):
-        task.meta["rouge_nearest"], task.meta["rouge_score"] = d.nearest, round(d.score, 6)
-        if not d.kept:
-            ctx.reject(task, "rouge_near_duplicate", near_reason(d.score, t, d.nearest, on))
-            continue
-        out.append(task)
+    out = [task for task, d in zip(tasks, decided) if keep_near(ctx, task, d.kept, d.score, d.nearest, t, on)]
     ctx.stats.metrics["compared"] = on
     if shared:
         ctx.stats.metrics["shared_text"] = shared
@@ -194,11 +203,8 @@ def minhash_near_duplicates(ctx: StageContext, o: Options, seeds: list[Task], ta
     for n, task in enumerate(tasks, start=len(seeds)):
         d = decided.get(n)
         score, nearest = (d.score, pool[int(d.nearest)].id if d.nearest is not None else None) if d else (0.0, None)
-        task.meta["rouge_nearest"], task.meta["rouge_score"] = nearest, round(score, 6)
-        if d and not d.kept:
-            ctx.reject(task, "rouge_near_duplicate", near_reason(score, t, nearest, on))
-            continue
-        out.append(task)
+        if keep_near(ctx, task, d.kept if d else True, score, nearest, t, on):
+            out.append(task)
     ctx.stats.metrics["compared"] = on
     return out
 
@@ -256,7 +262,7 @@ def dedup_on_ray(ctx: StageContext, o: Options, seeds_in: StageInput | None) -> 
         else:
             d = on_ray.minhash_dedup(rs, o.ray, seeds_in, source, on, t, o.num_perm, o.bands, o.exact_duplicates)
     for n, task in on_ray.records_at(source.dir / RECORDS_FILE, sorted(d.exact)):
-        ctx.reject(task, "exact_duplicate", f"the same normalised instruction and input as {d.exact[n]}")
+        ctx.reject(task, "exact_duplicate", exact_reason(d.exact[n]))
     ctx.stats.metrics["compared"] = on
     if shared:
         ctx.stats.metrics["shared_text"] = shared
@@ -268,13 +274,9 @@ def dedup_on_ray(ctx: StageContext, o: Options, seeds_in: StageInput | None) -> 
             ctx.stats.rows_in += 1
             if n in d.exact:
                 continue
-            keep, score, nearest = d.near.get(n, (True, 0.0, None))
-            task.meta["rouge_nearest"], task.meta["rouge_score"] = nearest, round(score, 6)
-            if not keep:
-                ctx.reject(task, "rouge_near_duplicate", near_reason(score, t, nearest, on))
-                continue
-            instances += len(task.instances)
-            yield task
+            if keep_near(ctx, task, *d.near.get(n, (True, 0.0, None)), t, on):
+                instances += len(task.instances)
+                yield task
 
     ctx.write_records(kept())
     ctx.stats.metrics.update(pool_seeds=d.seeds, instances_out=instances)

@@ -29,7 +29,7 @@ from pipeline.records import TrainingExample, write_json, write_jsonl
 from pipeline.stages import seeds
 from pipeline.stages.context import StageContext
 from pipeline.text.templates import render, template_file
-from pipeline.training import evaluation, winrate
+from pipeline.training import evaluation
 from pipeline.training.evaluation import EvalOptions
 from pipeline.training.modelcard import display_name
 from pipeline.training.report import TABLE, render_results_table
@@ -134,16 +134,14 @@ def run(ctx: StageContext) -> None:
     before = measure(o.base_model, o, examples, held, "base", template, gguf_file=o.gguf_file, revision=o.revision)
     after = measure(str(tuned), o, examples, held, "tuned", None)
     change = evaluation.compare(before, after, o.evaluation.seed)
-    judge = o.evaluation.judge
-    win, judgements = (winrate.judge(ctx.model(judge.model), before["samples"], after["samples"], judge)
-                       if judge else (None, []))
+    win, judgements = evaluation.win_rate(o.evaluation, ctx.model, before, after)
     table = render_results_table(before, after, change, win)
     write_json(ctx.out_dir / "results.json", {"before": before, "after": after, "change": change, "win_rate": win,
                                               "table": table, "base_model": o.base_model,
                                               "tuned": display_name(str(tuned), ctx.run_dir)})
     rows = [{"model": r["label"], **s} for r in (before, after) for s in r["samples"]]
     write_jsonl(ctx.out_dir / "generations.jsonl", rows)
-    if judge:
+    if o.evaluation.judge:
         write_jsonl(ctx.out_dir / "judgements.jsonl", judgements)
     (ctx.out_dir / "README.md").write_text(
         render(REPORT, name=ctx.name, base=display_name(o.base_model, ctx.run_dir),

@@ -181,10 +181,16 @@ EXACT_BAND = -1  # the band number of the exact-duplicate keys
 
 def _exact_key(task: Task) -> int:
     """A 64-bit hash of dedup's exact-duplicate key (two different keys share one with probability 2^-64)."""
-    from pipeline.stages.dedup import normalise
+    from pipeline.stages.dedup import exact_text
 
-    key = normalise("\n".join([task.instruction] + [i.input for i in task.instances]))
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(exact_text(task).encode(), digest_size=8).digest(), "little")
+
+
+def pool_chunks(options: DataRayOptions, seeds: StageInput | None, tasks: StageInput) -> tuple[list[Chunk], int]:
+    """The chunks of the seeds' records and then the tasks' (numbered on from the seeds), and the seeds' count."""
+    seed_chunks, n_seeds = chunks(seeds.dir / RECORDS_FILE, options.chunk_records) if seeds else ([], 0)
+    task_chunks, _ = chunks(tasks.dir / RECORDS_FILE, options.chunk_records)
+    return seed_chunks + [Chunk(c.path, c.start, c.end, c.first + n_seeds, c.count) for c in task_chunks], n_seeds
 
 
 @dataclass(frozen=True)
@@ -279,9 +285,7 @@ def minhash_dedup(ray: Any, options: DataRayOptions, seeds: StageInput | None, t
     (record numbers: the seeds' records first, then the tasks')."""
     from pipeline.text.minhash import replay
 
-    seed_chunks, n_seeds = chunks(seeds.dir / RECORDS_FILE, options.chunk_records) if seeds else ([], 0)
-    task_chunks, _ = chunks(tasks.dir / RECORDS_FILE, options.chunk_records)
-    cs = seed_chunks + [Chunk(c.path, c.start, c.end, c.first + n_seeds, c.count) for c in task_chunks]
+    cs, n_seeds = pool_chunks(options, seeds, tasks)
     if not cs:
         return MinHashDecisions({}, {}, n_seeds)
     setup = _Setup(on, threshold, num_perm, bands, exact, n_seeds)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.records import Task
-from pipeline.stages.context import RECORDS_FILE, StageInput
-from pipeline.stages.on_ray import (Chunk, DataRayOptions, MinHashDecisions, _as_chunks, _chunk_rows, _pool, chunks,
+from pipeline.stages.context import StageInput
+from pipeline.stages.on_ray import (DataRayOptions, MinHashDecisions, _as_chunks, _chunk_rows, _pool, pool_chunks,
                                     read_chunk)
 from pipeline.text.rouge import Decision
 from pipeline.text.rouge_pass import Item, greedy
@@ -34,7 +34,9 @@ def digest(text: str) -> bytes:
 
 
 def _exact_key(task: Task) -> bytes:
-    return digest("\n".join([task.instruction] + [i.input for i in task.instances]))
+    from pipeline.stages.dedup import exact_text
+
+    return digest(exact_text(task))  # normalising the normalised text again changes nothing
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,7 @@ def rouge_dedup(ray: Any, options: DataRayOptions, seeds: StageInput | None, tas
                 exact_nearest: bool) -> tuple[MinHashDecisions, dict[str, Any]]:
     """The decisions of dedup's exact-duplicate step and exact mode for ``tasks`` against ``seeds`` (task
     numbers; every task that is no exact duplicate has one), and the ``shared_text`` metric."""
-    seed_chunks, n_seeds = chunks(seeds.dir / RECORDS_FILE, options.chunk_records) if seeds else ([], 0)
-    task_chunks, _ = chunks(tasks.dir / RECORDS_FILE, options.chunk_records)
-    cs = seed_chunks + [Chunk(c.path, c.start, c.end, c.first + n_seeds, c.count) for c in task_chunks]
+    cs, n_seeds = pool_chunks(options, seeds, tasks)
     if not cs:
         return MinHashDecisions({}, {}, n_seeds), {}
     with_input = on == "instruction_input"

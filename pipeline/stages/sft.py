@@ -28,7 +28,7 @@ from pipeline.records import TrainingExample
 from pipeline.stages import seeds
 from pipeline.stages.context import StageContext
 from pipeline.text.templates import render, template_file
-from pipeline.training import evaluation, rows, winrate
+from pipeline.training import evaluation, rows
 from pipeline.training.data import ensure_pad_token, is_chat
 from pipeline.training.evaluation import EvalOptions
 from pipeline.training.modelcard import display_name, hub_id
@@ -195,9 +195,7 @@ def run(ctx: StageContext) -> None:
     # save
     save_model(ctx.out_dir, tuned, tok, fmt)
     change = evaluation.compare(before, after, o.evaluation.seed) if held else None
-    judge = o.evaluation.judge if held else None
-    win, judgements = (winrate.judge(ctx.model(judge.model), before["samples"], after["samples"], judge)
-                       if judge else (None, []))
+    win, judgements = evaluation.win_rate(o.evaluation, ctx.model, before, after) if held else (None, [])
     # card and numbers
     report = data.report
     card = render(CARD, name=f"{ctx.name} ({display_name(o.base_model, ctx.run_dir)})",

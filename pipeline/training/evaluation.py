@@ -74,6 +74,15 @@ class EvalOptions(BaseModel):
         return {"model": value} if isinstance(value, str) else value
 
 
+def win_rate(o: EvalOptions, model: Any, before: dict[str, Any],
+             after: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The judged win rate of ``after`` over ``before`` and every judgement (None and none without a judge);
+    ``model(name)`` is the stage's journaled client for a model."""
+    if o.judge is None:
+        return None, []
+    return winrate.judge(model(o.judge.model), before["samples"], after["samples"], o.judge)
+
+
 def judge_models(o: EvalOptions | None) -> list[str]:
     """The model an evaluation calls (its judge), for a stage's ``models(options)``."""
     return [o.judge.model] if o is not None and o.judge is not None else []
